@@ -1,0 +1,36 @@
+"""Fine-tuning methods. Each turns a loaded model into one ready to train and
+names what trains through a single `TrainableFilter` (DESIGN.md)."""
+
+import dataclasses
+
+from flax import nnx
+
+from jaxft.peft.lora import LoRAConfig, apply_lora
+from jaxft.peft.lora import trainable_filter as lora_filter
+from jaxft.peft.select import TrainableFilter
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What `prepare` did to the model: the filter, and for LoRA its config and wrapped modules."""
+
+    name: str
+    trainable: TrainableFilter
+    lora: LoRAConfig | None = None
+    wrapped: tuple[str, ...] = ()
+
+
+def lora_config(peft_cfg) -> LoRAConfig:
+    return LoRAConfig(rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), dropout=float(peft_cfg.dropout),
+                      targets=peft_cfg.targets, use_rslora=peft_cfg.use_rslora)
+
+
+def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs) -> Method:
+    """Apply `config.peft` to `model` in place and return what trains."""
+    if peft_cfg.method == "lora":
+        cfg = lora_config(peft_cfg)
+        wrapped = apply_lora(model, cfg, rngs=rngs)
+        return Method("lora", lora_filter(), cfg, tuple(wrapped))
+    if peft_cfg.method == "full":
+        return Method("full", TrainableFilter(((r".*", True),)))
+    raise AssertionError(f"unvalidated peft.method {peft_cfg.method!r}")

@@ -1,0 +1,198 @@
+"""The config schema every recipe starts from, and its validation.
+
+A recipe in `configs/` calls `base_config()` and overrides values; it never adds
+keys. Every key is declared here (optional ones as typed placeholders), so a
+locked config turns a typo on the command line into an error, and `validate`
+checks values before any work starts.
+"""
+
+import difflib
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxft.errors import ConfigError
+
+PEFT_METHODS = ("lora", "full")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
+SCHEDULES = ("warmup_cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", "text", "prompt_completion")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run reads, with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            path=config_dict.placeholder(str),  # local HF directory or hub id
+            dtype="float32",  # compute dtype
+            param_dtype="float32",  # storage dtype of the frozen pretrained weights
+            remat=False,  # recompute each block in the backward pass to save memory
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train=config_dict.placeholder(str),  # JSONL file
+            eval=config_dict.placeholder(str),  # JSONL file; else eval_fraction of train
+            eval_fraction=0.0,
+            format="auto",  # auto: detected from the first row's fields
+            text_field="text",
+            prompt_field="prompt",
+            completion_field="completion",
+            add_bos=True,  # prepend BOS where the tokenizer has one
+            add_eos=True,  # append EOS so the model learns to stop
+        )
+    )
+
+    c.peft = ml_collections.ConfigDict(
+        dict(
+            method="lora",
+            rank=8,
+            alpha=16.0,
+            dropout=0.0,
+            # "all-linear", a comma-separated list of module names ("q_proj,v_proj"),
+            # or a regex over module paths ("re:.*self_attn\.(q|v)_proj").
+            targets="all-linear",
+            use_rslora=False,  # scale alpha/sqrt(rank) instead of alpha/rank
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=2e-4,
+            schedule="warmup_cosine",
+            warmup_steps=0,
+            end_lr_ratio=0.0,  # final lr as a fraction of lr (cosine and linear)
+            weight_decay=0.0,  # never applied to norms and biases
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            momentum=0.0,  # sgd
+            clip_norm=1.0,  # global-norm clipping; 0 turns it off
+            grad_accum_steps=1,
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=config_dict.placeholder(int),  # set steps or epochs, not both
+            epochs=config_dict.placeholder(int),
+            batch_size=8,
+            seq_len=512,
+            log_every_steps=10,
+            progress_bar=True,
+        )
+    )
+
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            every_steps=100,  # 0: only at the start and the end
+            batch_size=config_dict.placeholder(int),  # default: train.batch_size
+            max_batches=config_dict.placeholder(int),  # default: the whole eval set
+        )
+    )
+
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every_steps=500,
+            keep=3,
+            async_save=True,
+        )
+    )
+
+    c.export = ml_collections.ConfigDict(
+        dict(
+            adapter=True,  # PEFT-format adapter under <workdir>/export/adapter (LoRA runs)
+            merged=False,  # LoRA merged into the base, as an HF model under <workdir>/export/model
+        )
+    )
+    return c
+
+
+def _flat_keys(c, prefix=""):
+    for key, value in c.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flat_keys(value, path + ".")
+        else:
+            yield path
+
+
+def valid_keys(schema=None) -> set[str]:
+    """Every dotted key the schema declares ('optim.lr', ...)."""
+    return set(_flat_keys(schema or base_config()))
+
+
+def check_known_keys(config, schema=None):
+    """Raise ConfigError for a key the schema does not declare, naming the nearest valid key."""
+    valid = valid_keys(schema)
+    for key in _flat_keys(config):
+        if key not in valid:
+            raise ConfigError(unknown_key_message(key, valid))
+
+
+def unknown_key_message(key: str, valid) -> str:
+    nearest = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+    hint = f" Did you mean '{nearest[0]}'?" if nearest else ""
+    return f"Unknown config key '{key}'.{hint}"
+
+
+def _choice(config, key, choices):
+    value = _get(config, key)
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
+
+
+def _positive(config, key, *, allow_zero=False):
+    value = _get(config, key)
+    if value is None:
+        return
+    if not (value >= 0 if allow_zero else value > 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} must be {bound}.")
+
+
+def _get(config, key):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config) -> None:
+    """Check every value a run depends on, before any work; raise ConfigError naming the bad one."""
+    check_known_keys(config)
+    if not config.model.path:
+        raise ConfigError("model.path is not set: give a Hugging Face model directory (or hub id), "
+                          "e.g. --config.model.path=/models/Llama-3.2-1B.")
+    if not config.data.train:
+        raise ConfigError("data.train is not set: give a JSONL file, e.g. --config.data.train=train.jsonl.")
+    _choice(config, "model.dtype", DTYPES)
+    _choice(config, "model.param_dtype", DTYPES)
+    _choice(config, "data.format", DATA_FORMATS)
+    _choice(config, "peft.method", PEFT_METHODS)
+    _choice(config, "optim.name", OPTIMIZERS)
+    _choice(config, "optim.schedule", SCHEDULES)
+    if (config.train.steps is None) == (config.train.epochs is None):
+        raise ConfigError("Set exactly one of train.steps and train.epochs "
+                          f"(got steps={config.train.steps}, epochs={config.train.epochs}).")
+    for key in ("train.steps", "train.epochs", "train.batch_size", "train.seq_len",
+                "train.log_every_steps", "optim.lr", "optim.grad_accum_steps",
+                "peft.rank", "peft.alpha", "checkpoint.every_steps", "checkpoint.keep",
+                "eval.batch_size", "eval.max_batches"):
+        _positive(config, key)
+    for key in ("optim.warmup_steps", "optim.weight_decay", "optim.clip_norm",
+                "optim.end_lr_ratio", "eval.every_steps", "data.eval_fraction", "peft.dropout"):
+        _positive(config, key, allow_zero=True)
+    if not 0.0 <= config.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1).")
+    if not 0.0 <= config.peft.dropout < 1.0:
+        raise ConfigError(f"peft.dropout={config.peft.dropout} must be in [0, 1).")
+    if config.train.batch_size % config.optim.grad_accum_steps:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must divide by "
+                          f"optim.grad_accum_steps={config.optim.grad_accum_steps}.")

@@ -1,0 +1,59 @@
+"""The optimizer: an optax chain built from `config.optim`.
+
+Clipping, then the chosen optimizer, with weight decay masked off norms and
+biases. The transformation only ever sees the trainable parameters, so frozen
+weights hold no optimizer state. Gradient accumulation happens inside the
+training step (micro-batches scanned in one compiled step), not here.
+"""
+
+import jax
+import optax
+
+
+
+def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `cfg.lr`, then cosine, linear decay, or constant."""
+    warmup = min(cfg.warmup_steps, total_steps)
+    end_lr = cfg.lr * cfg.end_lr_ratio
+    if cfg.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=end_lr)
+    after = {
+        "linear": optax.linear_schedule(cfg.lr, end_lr, max(total_steps - warmup, 1)),
+        "constant": optax.constant_schedule(cfg.lr),
+    }[cfg.schedule]
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+
+
+def decay_mask(params):
+    """True for parameters weight decay applies to: matrices, not norm scales or biases."""
+    def decays(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        return leaf.ndim >= 2 and "norm" not in name and not name.endswith("bias")
+    return jax.tree.map_with_path(decays, params)
+
+
+def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """The full update rule for `config.optim` over `total_steps` optimizer steps."""
+    lr = learning_rate_schedule(cfg, total_steps)
+    wd = cfg.weight_decay
+    if cfg.name == "adamw":
+        core = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask)
+    elif cfg.name == "lion":
+        core = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=decay_mask)
+    else:
+        core = {
+            "adam": lambda: optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            "sgd": lambda: optax.sgd(lr, momentum=cfg.momentum or None),
+            "adafactor": lambda: optax.adafactor(lr),
+            "rmsprop": lambda: optax.rmsprop(lr, eps=cfg.eps, momentum=cfg.momentum),
+            "adagrad": lambda: optax.adagrad(lr, eps=cfg.eps),
+        }[cfg.name]()
+        if wd:
+            # Decay added to the gradient (L2), as torch's weight_decay does for these optimizers.
+            core = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), core)
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    return optax.chain(*parts, core)

@@ -1,0 +1,80 @@
+"""The one trainable filter (DESIGN.md).
+
+A list of `(regex, trainable)` rules over parameter paths, first match wins, and
+every parameter must match one. It is the only source for what is
+differentiated, what the optimizer holds state for, what a checkpoint saves and
+what export writes. Only `nnx.Param` variables can be trainable; RNG state and
+other variables never are.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+from flax import nnx
+
+from jaxft.errors import ConfigError
+
+
+def path_str(path) -> str:
+    """An NNX state path as a dotted, HF-style name: ('model', 'layers', 0, 'mlp') -> 'model.layers.0.mlp'."""
+    return ".".join(str(p) for p in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableFilter:
+    """Ordered `(regex, trainable)` rules, matched with `re.fullmatch` against dotted parameter paths."""
+
+    rules: tuple[tuple[str, bool], ...]
+
+    def __post_init__(self):
+        for pattern, _ in self.rules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"Trainable-parameter pattern {pattern!r} is not a valid regex: {e}") from e
+
+    def rule_for(self, name: str) -> int:
+        """Index of the first rule matching `name`; ConfigError if none does."""
+        for i, (pattern, _) in enumerate(self.rules):
+            if re.fullmatch(pattern, name):
+                return i
+        raise ConfigError(
+            f"Parameter '{name}' matches none of the trainable/frozen patterns "
+            f"{[p for p, _ in self.rules]}; every parameter must be covered (end with '.*')."
+        )
+
+    def is_trainable(self, name: str) -> bool:
+        return self.rules[self.rule_for(name)][1]
+
+    def __call__(self, path, variable) -> bool:
+        """The NNX filter: True for parameters that train."""
+        return isinstance(variable, nnx.Param) and self.is_trainable(path_str(path))
+
+
+def split_model(model: nnx.Module, trainable: TrainableFilter):
+    """`graphdef, trainable_params, rest`: the model cut along the filter."""
+    return nnx.split(model, trainable, ...)
+
+
+def parameter_table(model: nnx.Module, trainable: TrainableFilter) -> list[dict]:
+    """One row per rule: pattern, whether it trains, tensors and parameters it matched."""
+    rows = [dict(pattern=p, trainable=t, tensors=0, params=0) for p, t in trainable.rules]
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        row = rows[trainable.rule_for(path_str(path))]
+        row["tensors"] += 1
+        row["params"] += int(np.prod(variable.get_value().shape))
+    return rows
+
+
+def format_parameter_table(rows: list[dict]) -> str:
+    """The table the run logs, with trainable/total counts at the bottom."""
+    width = max(len(r["pattern"]) for r in rows)
+    lines = [f"{'pattern':<{width}}  {'trains':>6}  {'tensors':>7}  {'params':>12}"]
+    for r in rows:
+        lines.append(f"{r['pattern']:<{width}}  {'yes' if r['trainable'] else 'no':>6}  "
+                     f"{r['tensors']:>7}  {r['params']:>12,}")
+    total = sum(r["params"] for r in rows)
+    trained = sum(r["params"] for r in rows if r["trainable"])
+    lines.append(f"trainable {trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.4f}%)")
+    return "\n".join(lines)

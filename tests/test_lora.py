@@ -1,0 +1,96 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxft.errors import AdapterError
+from jaxft.models.hf import load_pretrained
+from jaxft.peft.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora, trainable_filter
+from jaxft.peft.select import parameter_table
+from tests.tiny_hf import padded_batch, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+def _logits(model, ids, mask):
+    return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+def _randomise_b(model, seed=1):
+    key = jax.random.key(seed)
+    for i, m in enumerate(lora_modules(model).values()):
+        m.lora_b.set_value(0.05 * jax.random.normal(jax.random.fold_in(key, i), m.lora_b.get_value().shape))
+
+
+def test_step0_logits_equal_base_exactly(llama_dir):
+    ids, mask, _ = padded_batch(128)
+    base = load_pretrained(llama_dir)
+    adapted = load_pretrained(llama_dir)
+    apply_lora(adapted, LoRAConfig(rank=4, targets="all-linear"), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(_logits(base, ids, mask), _logits(adapted, ids, mask))
+
+
+def test_all_linear_skips_lm_head_and_names_select(llama_dir):
+    model = load_pretrained(llama_dir)
+    wrapped = apply_lora(model, LoRAConfig(rank=4), rngs=nnx.Rngs(0))
+    assert len(wrapped) == 2 * 7 and not any("lm_head" in w for w in wrapped)
+    model = load_pretrained(llama_dir)
+    wrapped = apply_lora(model, LoRAConfig(rank=4, targets="q_proj,v_proj"), rngs=nnx.Rngs(0))
+    assert sorted(w.split(".")[-1] for w in wrapped) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    model = load_pretrained(llama_dir)
+    wrapped = apply_lora(model, LoRAConfig(rank=4, targets=r"re:model\.layers\.1\.mlp\..*"), rngs=nnx.Rngs(0))
+    assert sorted(wrapped) == [f"model.layers.1.mlp.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+
+
+@pytest.mark.parametrize("targets,fragment", [
+    ("q_proj,qkv", r"names \['qkv'\], which the model does not have; its linear modules are \['down_proj'"),
+    ("re:.*attention.*", "matches no linear module"),
+])
+def test_targets_that_match_nothing_list_modules(llama_dir, targets, fragment):
+    with pytest.raises(AdapterError, match=fragment):
+        apply_lora(load_pretrained(llama_dir), LoRAConfig(targets=targets), rngs=nnx.Rngs(0))
+
+
+def test_rank_larger_than_layer(llama_dir):
+    with pytest.raises(AdapterError, match="peft.rank=64 exceeds layer"):
+        apply_lora(load_pretrained(llama_dir), LoRAConfig(rank=64), rngs=nnx.Rngs(0))
+
+
+def test_scale_and_rslora():
+    assert LoRAConfig(rank=16, alpha=32).scale == 2.0
+    assert LoRAConfig(rank=16, alpha=32, use_rslora=True).scale == 8.0
+
+
+def test_update_is_scaled_low_rank_product(llama_dir):
+    model = load_pretrained(llama_dir)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="q_proj"), rngs=nnx.Rngs(0))
+    _randomise_b(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear)
+    x = jax.random.normal(jax.random.key(3), (5, layer.base_layer.in_features))
+    expected = x @ layer.base_layer.kernel.get_value() + 2.0 * (x @ layer.lora_a.get_value()) @ layer.lora_b.get_value()
+    np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+
+
+def test_merge_matches_adapted_logits(llama_dir):
+    ids, mask, _ = padded_batch(128)
+    model = load_pretrained(llama_dir)
+    apply_lora(model, LoRAConfig(rank=4), rngs=nnx.Rngs(0))
+    _randomise_b(model)
+    adapted = _logits(model, ids, mask)
+    merge_lora(model)
+    assert not lora_modules(model)
+    np.testing.assert_allclose(_logits(model, ids, mask), adapted, atol=1e-4)
+
+
+def test_filter_counts_only_lora(llama_dir):
+    model = load_pretrained(llama_dir)
+    wrapped = apply_lora(model, LoRAConfig(rank=4, targets="q_proj,v_proj"), rngs=nnx.Rngs(0))
+    rows = parameter_table(model, trainable_filter())
+    trainable = sum(r["params"] for r in rows if r["trainable"])
+    expected = sum(4 * (m.base_layer.in_features + m.base_layer.out_features) for m in lora_modules(model).values())
+    assert trainable == expected and rows[0]["tensors"] == 2 * len(wrapped)
