@@ -1,0 +1,232 @@
+"""Building blocks shared by the model families.
+
+Every parameter is stored in `param_dtype` and every matmul runs in the
+compute `dtype` (e.g. bfloat16); norms, softmax and rotary angles run in
+float32, as in Hugging Face `transformers`, because that is where low
+precision loses the most.
+
+Parameters carry their logical axis names as `logical_axes` metadata
+("embed", "mlp", "heads", "kv_heads", "vocab", "norm"), for the sharding
+rules to map onto mesh axes. (Not flax's `out_sharding`: that one shards
+eagerly at creation and so needs a mesh even on a laptop.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Dtype = Any
+
+# Masked attention scores get this instead of -inf, so a query that may see no
+# key at all (a padding row) softmaxes to a uniform row instead of NaN.
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias` with kernel `[in, out]` (HF stores `[out, in]`).
+
+    LoRA and quantisation wrap or replace instances of this class, so model
+    code calls it and never reads `kernel` itself.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        kernel_init=nnx.initializers.normal(0.02),  # HF's initializer_range default
+        axes: tuple[str | None, str | None] = (None, None),
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+            logical_axes=tuple(axes),
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding `[vocab, dim]`; `attend` is the tied language-model head."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        embedding_init=nnx.initializers.normal(0.02),
+        rngs: nnx.Rngs,
+    ):
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.dtype = dtype
+        self.embedding = nnx.Param(
+            embedding_init(rngs.params(), (num_embeddings, features), param_dtype),
+            logical_axes=("vocab", "embed"),
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the embedding matrix: `x @ embedding.T`."""
+        return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm over the last axis, computed in float32 like HF."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        del rngs  # ones-initialised; the argument keeps the constructor uniform
+        self.dim = dim
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Rotary position embedding, HF "rotate_half" layout: the two rotated halves of
+# a head are its first and second half (not interleaved pairs), so HF q/k
+# weights load without a permutation.
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """Inverse frequencies `[head_dim // 2]` (float32), with HF's RoPE scaling.
+
+    Computed in numpy at trace time: a constant, no parameter, no device work.
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend between.
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context_len = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape `[B, T, head_dim]` (float32) for integer `positions` `[B, T]`."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x` `[B, T, heads, head_dim]` in float32; returns x's dtype."""
+    x32 = x.astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Attention
+
+
+def make_attention_mask(
+    attention_mask: jax.Array | None,
+    segment_ids: jax.Array | None,
+    batch: int,
+    length: int,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean `[B, 1, T, T]` mask (True = may attend) for self-attention.
+
+    Combines causal order, padding keys (`attention_mask == 0`), packed
+    segments (a token sees only its own segment; segment 0 is padding) and an
+    optional sliding window (key within `sliding_window - 1` tokens back, as in
+    HF's `kv_idx > q_idx - sliding_window`).
+    """
+    q_idx = jnp.arange(length)[:, None]
+    k_idx = jnp.arange(length)[None, :]
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (k_idx > q_idx - sliding_window)
+    mask = jnp.broadcast_to(allowed, (batch, length, length))
+    if attention_mask is not None:
+        mask = mask & (attention_mask[:, None, :] != 0)
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask & same & (segment_ids[:, None, :] != 0)
+    return mask[:, None, :, :]
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float
+) -> jax.Array:
+    """Grouped-query attention, softmax in float32.
+
+    q `[B, T, H, D]`, k/v `[B, S, K, D]` with H a multiple of K, mask
+    `[B, 1, T, S]` boolean. Query head h reads kv head `h // (H // K)` (HF's
+    `repeat_kv` order); the heads are grouped by a reshape so K/V are never
+    copied H/K times. Returns `[B, T, H, D]` in q's dtype.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    scores = jnp.where(mask[:, :, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)

@@ -1,0 +1,328 @@
+"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2 and Qwen3 in one module.
+
+They are one architecture (pre-norm decoder, RMSNorm, rotary attention with
+grouped-query heads, SwiGLU MLP) that differ in a few switches, all in
+`LlamaConfig`: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
+head_dim (Qwen3), a sliding attention window (Mistral, optionally Qwen2/3),
+RoPE scaling (Llama 3.1+), tied embeddings (Llama 3.2 1B/3B, small Qwens).
+
+Attribute names mirror the HF module names, so a parameter's NNX path reads
+like its HF name (`model.layers[0].self_attn.q_proj.kernel` <->
+`model.layers.0.self_attn.q_proj.weight`); `jaxft.models.hf` relies on that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import FrozenDict
+
+from jaxft.errors import ConfigError, ModelLoadError
+from jaxft.models.layers import (
+    ROPE_TYPES,
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    dot_product_attention,
+    make_attention_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+# HF's per-family defaults for keys a config.json may leave out, and the
+# family's fixed architecture switches.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=4096 * 32),
+    "qwen2": dict(rms_norm_eps=1e-6, max_position_embeddings=32768),
+    "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=32768),
+}
+MODEL_TYPES = tuple(_FAMILY_DEFAULTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and precision of a Llama-family model.
+
+    Hashable (it is static model structure under `jax.jit`): `rope_scaling` is
+    kept as a `FrozenDict`, `layer_types` as a tuple.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF rope scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None = plain RoPE.
+    rope_scaling: Mapping[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections
+    o_bias: bool = False  # bias on o_proj (Llama's attention_bias covers it; Qwen2's does not)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    sliding_window: int | None = None
+    # Per-layer "full_attention" | "sliding_attention" (Qwen2/3); None = every
+    # layer uses `sliding_window` when it is set (Mistral).
+    layer_types: tuple[str, ...] | None = None
+    model_type: str = "llama"
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each decoder layer in the backward pass
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
+        set_("dtype", jnp.dtype(self.dtype))
+        set_("param_dtype", jnp.dtype(self.param_dtype))
+        if self.rope_scaling is not None:
+            set_("rope_scaling", FrozenDict(self.rope_scaling))
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in ROPE_TYPES:
+                raise ConfigError(
+                    f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+                )
+        if self.layer_types is not None:
+            set_("layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(
+                    f"layer_types has {len(self.layer_types)} entries, num_layers is {self.num_layers}"
+                )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @classmethod
+    def from_hf(cls, hf_config: Mapping[str, Any], **overrides) -> "LlamaConfig":
+        """Build from a HF `config.json` dict (transformers 4.x or 5.x layout).
+
+        4.x keeps `rope_theta` and `rope_scaling` at the top level; 5.x nests
+        both in `rope_parameters`. `overrides` replace fields afterwards
+        (e.g. `dtype=jnp.bfloat16, remat=True`).
+        """
+        hf = dict(hf_config)
+        model_type = hf.get("model_type", "llama")
+        if model_type not in _FAMILY_DEFAULTS:
+            raise ModelLoadError(
+                f"model_type {model_type!r} is not a Llama-family model; "
+                f"supported: {', '.join(MODEL_TYPES)}"
+            )
+        defaults = _FAMILY_DEFAULTS[model_type]
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelLoadError(f"hidden_act {act!r} is not supported; supported: 'silu'")
+
+        # RoPE: 5.x `rope_parameters` holds theta and the scaling; 4.x splits them.
+        rope_params = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope_params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if not rope_params:
+            rope_params = dict(hf.get("rope_scaling") or {})
+        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ModelLoadError(
+                f"rope type {rope_type!r} in {model_type} config is not supported; "
+                f"supported: {', '.join(ROPE_TYPES)}"
+            )
+        rope_scaling = None
+        if rope_type != "default":
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "type"}
+            rope_scaling["rope_type"] = rope_type
+            if rope_type == "llama3":
+                rope_scaling.setdefault(
+                    "original_max_position_embeddings",
+                    hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")),
+                )
+
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+
+        if model_type == "qwen2":
+            attention_bias, o_bias = True, False
+        elif model_type == "mistral":
+            attention_bias = o_bias = False
+        else:  # llama, qwen3: attention_bias covers o_proj too
+            attention_bias = o_bias = bool(hf.get("attention_bias", False))
+
+        sliding_window, layer_types = None, None
+        if model_type == "mistral":
+            sliding_window = hf.get("sliding_window")
+        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
+            sliding_window = hf.get("sliding_window")
+            layer_types = hf.get("layer_types") or [
+                "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                for i in range(hf["num_hidden_layers"])
+            ]
+
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get(
+                "max_position_embeddings", defaults["max_position_embeddings"]
+            ),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window,
+            layer_types=tuple(layer_types) if layer_types else None,
+            model_type=model_type,
+        )
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(
+                f"unknown LlamaConfig override(s) {sorted(unknown)}; "
+                f"valid: {sorted(f.name for f in dataclasses.fields(cls))}"
+            )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _dense(cfg: LlamaConfig, n_in, n_out, bias, axes, rngs) -> Linear:
+    return Linear(
+        n_in, n_out, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, axes=axes, rngs=rngs
+    )
+
+
+def _norm(cfg: LlamaConfig, dim: int, rngs) -> RMSNorm:
+    return RMSNorm(dim, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = _dense(cfg, cfg.hidden_size, q_dim, bias, ("embed", "heads"), rngs)
+        self.k_proj = _dense(cfg, cfg.hidden_size, kv_dim, bias, ("embed", "kv_heads"), rngs)
+        self.v_proj = _dense(cfg, cfg.hidden_size, kv_dim, bias, ("embed", "kv_heads"), rngs)
+        self.o_proj = _dense(cfg, q_dim, cfg.hidden_size, cfg.o_bias, ("heads", "embed"), rngs)
+        if cfg.qk_norm:
+            self.q_norm = _norm(cfg, cfg.head_dim, rngs)
+            self.k_norm = _norm(cfg, cfg.head_dim, rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, cos, sin, mask):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        h, m, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = _dense(cfg, h, m, bias, ("embed", "mlp"), rngs)
+        self.up_proj = _dense(cfg, h, m, bias, ("embed", "mlp"), rngs)
+        self.down_proj = _dense(cfg, m, h, bias, ("mlp", "embed"), rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.self_attn = LlamaAttention(cfg, rngs=rngs)
+        self.mlp = LlamaMLP(cfg, rngs=rngs)
+        self.input_layernorm = _norm(cfg, cfg.hidden_size, rngs)
+        self.post_attention_layernorm = _norm(cfg, cfg.hidden_size, rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _run_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask)
+
+
+# Under remat the layer's activations are recomputed in the backward pass
+# instead of stored: memory for one layer instead of all of them.
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = _norm(cfg, cfg.hidden_size, rngs)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Decoder-only language model; `__call__` returns float32 logits `[B, T, vocab]`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, rngs=rngs)
+        if config.tie_word_embeddings:
+            self.lm_head = None  # logits come from model.embed_tokens.attend
+        else:
+            self.lm_head = _dense(
+                config, config.hidden_size, config.vocab_size, False, ("embed", "vocab"), rngs
+            )
+
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None):
+        """Logits for `input_ids` `[B, T]`.
+
+        attention_mask: `[B, T]`, 1 = real token, 0 = padding (masked as a key).
+        positions: `[B, T]` RoPE positions; default `arange(T)`. Left-padded or
+            packed rows should pass their own (packing: restart at each segment).
+        segment_ids: `[B, T]` ints for packed rows; a token attends only to
+            earlier tokens of its own segment; 0 marks padding.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+        # One mask per distinct window (usually one), shared by the layers.
+        masks = {
+            w: make_attention_mask(attention_mask, segment_ids, b, t, w)
+            for w in {cfg.layer_window(i) for i in range(cfg.num_layers)}
+        }
+        run = _run_layer_remat if cfg.remat else _run_layer
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = run(layer, x, cos, sin, masks[cfg.layer_window(i)])
+        x = self.model.norm(x)
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)
