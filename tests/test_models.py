@@ -21,6 +21,7 @@ from jaxft.models import (
     RMSNorm,
     config_from_hf,
     load_pretrained,
+    load_tokenizer,
     read_config,
     to_hf_state_dict,
 )
@@ -249,6 +250,18 @@ def test_missing_directory_and_config(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ModelLoadError, match=r"'someorg/some-model'.*Hugging Face Hub.*offline"):
         load_pretrained("someorg/some-model")
+
+
+def test_load_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    with pytest.raises(ModelLoadError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path)("hello world")["input_ids"] == [1, 2]
 
 
 def test_no_safetensors(tmp_path):

@@ -47,6 +47,7 @@ from jaxft.models.hf import (  # noqa: E402  (hf.py uses the registry above)
     config_from_hf,
     hf_name_map,
     load_pretrained,
+    load_tokenizer,
     read_config,
     to_hf_state_dict,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "read_config",
     "config_from_hf",
     "load_pretrained",
+    "load_tokenizer",
     "to_hf_state_dict",
     "hf_name_map",
 ]

@@ -268,6 +268,20 @@ def load_pretrained(path: str | os.PathLike, **config_overrides) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The `transformers` tokenizer saved with a model (local directory or Hub id)."""
+    directory = resolve_model_dir(path)
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # no tokenizer files, or files transformers cannot read
+        raise ModelLoadError(
+            f"cannot load a tokenizer from {str(directory)!r} ({type(e).__name__}: {e}); "
+            "the directory needs the tokenizer files save_pretrained writes (tokenizer.json, ...)"
+        ) from None
+
+
 def to_hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """HF-named numpy tensors (torch `[out, in]` layout, param dtype) of `model`.
 
