@@ -1,0 +1,47 @@
+"""What a finished run leaves for other tools, under `<workdir>/export/`.
+
+`adapter/`: a LoRA adapter in PEFT format (peft, vLLM and transformers load it).
+`model/`: a full Hugging Face checkpoint: the fully fine-tuned model, or a LoRA
+run's adapter merged into its base when `export.merged` is set.
+"""
+
+import json
+import logging
+import pathlib
+
+from flax import nnx
+from safetensors.numpy import save_file
+
+from jaxft.models import hf
+from jaxft.peft.lora import merge_lora
+from jaxft.peft.peft_format import save_lora_adapter
+
+log = logging.getLogger("jaxft")
+
+
+def export_run(model, method, tokenizer, config, directory) -> None:
+    """Write the exports `config.export` asks for; logs each path."""
+    directory = pathlib.Path(directory)
+    if method.name == "lora":
+        if config.export.adapter:
+            path = save_lora_adapter(model, directory / "adapter", method.lora, list(method.wrapped),
+                                     base_model=config.model.path)
+            log.info("Exported the LoRA adapter (PEFT format) to %s", path)
+        if config.export.merged:
+            path = save_hf_model(merge_lora(nnx.clone(model)), directory / "model", config.model.path, tokenizer)
+            log.info("Exported the merged model (HF format) to %s", path)
+    elif method.name == "full":
+        path = save_hf_model(model, directory / "model", config.model.path, tokenizer)
+        log.info("Exported the fine-tuned model (HF format) to %s", path)
+
+
+def save_hf_model(model, directory, base_path, tokenizer) -> pathlib.Path:
+    """config.json (the base's), model.safetensors and the tokenizer: loadable by `from_pretrained`."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf.to_hf_state_dict(model)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = hf.read_config(base_path)
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(directory))
+    return directory

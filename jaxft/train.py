@@ -1,0 +1,58 @@
+"""Command line: parse flags, then `trainer.run(config, workdir)`.
+
+    python -m jaxft.train --config configs/quickstart.py --workdir runs/demo
+    python -m jaxft.train --config configs/llama_lora.py --config.model.path=/models/x \
+        --config.data.train=train.jsonl --config.optim.lr=2e-4 --workdir runs/x
+
+The config is locked: `--config.optim.lrr=1` fails before any work, naming the
+nearest valid key. User errors print one clear line and exit with status 2.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxft.config import check_known_keys, unknown_key_message, valid_keys
+from jaxft.errors import JaxftError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: logs, checkpoints, exports. Reusing it resumes.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(message: str):
+    print(f"jaxft: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl's parser, with locked-config typos turned into a one-line error instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError) as e:  # ml_collections' answer to a key the locked config lacks
+        valid = valid_keys()
+        overrides = [a[len("--config."):].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        unknown = [key for key in overrides if key not in valid]
+        _fail(unknown_key_message(unknown[0], valid) if unknown else str(e))
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("jaxft").setLevel(logging.INFO)
+    from jaxft import trainer  # imported after flag parsing so --help stays fast
+
+    try:
+        check_known_keys(_CONFIG.value)
+        trainer.run(_CONFIG.value, _WORKDIR.value)
+    except JaxftError as e:
+        _fail(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

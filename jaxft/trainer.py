@@ -1,0 +1,240 @@
+"""The training flow, top to bottom: `run(config, workdir)`.
+
+1. Setup: validate the config, load tokenizer and model, apply the method,
+   cut the model into trainable parameters and the frozen rest.
+2. Data: tokenise train and eval sets; the order of batches is a function of the step.
+3. Optimizer and state: optax over the trainable parameters only.
+4. Resume: the latest checkpoint in the workdir, if any.
+5. Loop: steps, logging, evaluation, checkpoints, NaN/Inf stop.
+6. Export: the adapter in PEFT format (and a merged or full HF model on request).
+
+`train_step` and `eval_step` are top-level pure functions of
+(trainable params, frozen rest, batch); `jax.jit` compiles them once.
+"""
+
+import functools
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxft import checkpoint as ckpt_lib
+from jaxft import data as data_lib
+from jaxft import evaluate, export, peft
+from jaxft.config import validate
+from jaxft.errors import TrainingDivergedError
+from jaxft.metrics import MetricWriter, Progress, Throughput
+from jaxft.models import hf
+from jaxft.optim import build_optimizer, learning_rate_schedule
+from jaxft.peft.select import format_parameter_table, parameter_table, split_model
+
+log = logging.getLogger("jaxft")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def loss_sums(model, batch):
+    """(sum of next-token cross-entropy over target tokens, number of target tokens), float32."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z - target_logits) * weights), jnp.sum(weights)
+
+
+def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int, dropout_key):
+    """One optimizer step over `accum_steps` micro-batches; never applies a non-finite update.
+
+    The loss is the mean over all target tokens of the whole batch, so accumulation
+    changes memory, not the result.
+    """
+    step = state["step"]
+    key = jax.random.fold_in(dropout_key, step)
+
+    def micro_loss(params, micro, i):
+        model = nnx.merge(graphdef, params, frozen)
+        nnx.reseed(model, dropout=jax.random.fold_in(key, i))
+        return loss_sums(model, micro)
+
+    def accumulate(carry, xs):
+        grads, loss, count = carry
+        micro, i = xs
+        (m_loss, m_count), m_grads = jax.value_and_grad(micro_loss, has_aux=True)(state["params"], micro, i)
+        return (jax.tree.map(jnp.add, grads, m_grads), loss + m_loss, count + m_count), None
+
+    micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    (grads, loss, count), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro_batches, jnp.arange(accum_steps)))
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss = loss / count
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = dict(
+        step=step + 1,
+        params=keep_if_bad(params, state["params"]),
+        opt_state=keep_if_bad(opt_state, state["opt_state"]),
+        nonfinite_step=jnp.where((state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"]),
+    )
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(step), target_tokens=count)
+    return new_state, metrics
+
+
+def eval_step(params, frozen, batch, *, graphdef):
+    """(loss sum, target tokens) of one eval batch, dropout off."""
+    return loss_sums(nnx.merge(graphdef, params, frozen), batch)
+
+
+# ----------------------------------------------------------------------------- flow
+
+
+def run(config, workdir) -> dict:
+    """Train as `config` says, in `workdir`; resume if it holds a checkpoint. Returns the last metrics."""
+    # 1. Setup ------------------------------------------------------------------
+    validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    tokenizer = hf.load_tokenizer(config.model.path)
+    model = hf.load_pretrained(config.model.path, dtype=DTYPES[config.model.dtype],
+                               param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
+    method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed, dropout=config.seed))
+    log.info("Trainable parameters (%s):\n%s", method.name,
+             format_parameter_table(parameter_table(model, method.trainable)))
+    graphdef, params, frozen = split_model(model, method.trainable)
+    eval_graphdef = split_model(_without_dropout(model), method.trainable)[0]
+
+    # 2. Data -------------------------------------------------------------------
+    seq_len, batch_size = config.train.seq_len, config.train.batch_size
+    train_set, eval_set = data_lib.load_datasets(config.data, tokenizer, seq_len, config.seed)
+    pad_id = data_lib.pad_token_id(tokenizer)
+    order = data_lib.TrainOrder(len(train_set), batch_size, config.seed)
+    total_steps = config.train.steps or config.train.epochs * order.steps_per_epoch
+    log.info("Data: %s", json.dumps({"train": train_set.report, "eval": eval_set and eval_set.report}))
+    log.info("%d steps of %d rows x %d tokens (%d steps per epoch)", total_steps, batch_size, seq_len,
+             order.steps_per_epoch)
+
+    # 3. Optimizer and state ----------------------------------------------------------
+    tx = build_optimizer(config.optim, total_steps)
+    state = dict(step=jnp.int32(0), params=params, opt_state=tx.init(params), nonfinite_step=jnp.int32(-1))
+    step_fn = jax.jit(functools.partial(
+        train_step, graphdef=graphdef, tx=tx, schedule=learning_rate_schedule(config.optim, total_steps),
+        accum_steps=config.optim.grad_accum_steps, dropout_key=jax.random.key(config.seed)), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_graphdef))
+
+    # 4. Resume -----------------------------------------------------------------
+    checkpoints = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
+                                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    fingerprint = ckpt_lib.fingerprint(params)
+    if checkpoints.latest_step() is not None:
+        state, _ = checkpoints.restore(checkpoints.latest_step(), state, fingerprint)
+        log.info("Resumed from %s at step %d", checkpoints.directory, int(state["step"]))
+    start_step = int(state["step"])
+
+    # 5. Loop -------------------------------------------------------------------
+    writer = MetricWriter(workdir)
+    progress = Progress(total_steps, start_step, config.train.progress_bar)
+    throughput = Throughput()
+    evaluate_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, pad_id)
+    last = {}
+
+    def save(step):
+        _check_finite(state)
+        checkpoints.save(step, state, dict(step=step, epoch=step // order.steps_per_epoch,
+                                           examples_seen=step * batch_size, fingerprint=fingerprint))
+
+    if start_step == 0 and eval_set is not None:
+        last = evaluate_now(state["params"])
+        writer.write(0, last)
+        log.info("step 0: %s", _fmt(last))
+
+    window, window_tokens = [], 0
+    try:
+        for step in range(start_step, total_steps):
+            batch = data_lib.pad_batch(train_set, order.indices(step), seq_len, pad_id)
+            state, metrics = step_fn(state, frozen, batch)
+            window.append(metrics)
+            window_tokens += int(batch["attention_mask"].sum())
+            done = step + 1
+            progress.update(done, last)
+            if done % config.train.log_every_steps == 0 or done == total_steps:
+                last = _summarise(window, window_tokens, throughput)
+                _check_finite(state)
+                writer.write(done, last)
+                window, window_tokens = [], 0
+            if eval_set is not None and ((config.eval.every_steps and done % config.eval.every_steps == 0)
+                                         or done == total_steps):
+                last = {**last, **evaluate_now(state["params"])}
+                writer.write(done, {k: last[k] for k in last if k.startswith("eval_")})
+                log.info("step %d: %s", done, _fmt(last))
+            if checkpoints.due(done) or done == total_steps:
+                save(done)
+    except KeyboardInterrupt:
+        log.warning("Interrupted: saving a checkpoint at step %d to resume from.", int(state["step"]))
+        save(int(state["step"]))
+        raise
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        progress.close()
+        writer.close()
+
+    # 6. Export -----------------------------------------------------------------
+    nnx.update(model, state["params"])
+    if jax.process_index() == 0:
+        export.export_run(model, method, tokenizer, config, workdir / "export")
+    return last
+
+
+def _without_dropout(model):
+    """The same model with dropout off (nnx.view refuses models that have no Dropout)."""
+    if any(isinstance(m, nnx.Dropout) for _, m in nnx.iter_modules(model)):
+        return nnx.view(model, deterministic=True)
+    return model
+
+
+def _evaluate(eval_fn, frozen, eval_set, config, pad_id, params) -> dict:
+    batches = data_lib.eval_batches(eval_set, config.eval.batch_size or config.train.batch_size,
+                                    config.train.seq_len, pad_id, config.eval.max_batches)
+    return evaluate.loss_and_perplexity(functools.partial(eval_fn, params, frozen), batches)
+
+
+def _summarise(window: list[dict], tokens: int, throughput: Throughput) -> dict:
+    """Means over the logging window (not the last step alone), plus tokens/s."""
+    window = jax.device_get(window)
+    return dict(
+        loss=float(np.mean([m["loss"] for m in window])),
+        grad_norm=float(np.mean([m["grad_norm"] for m in window])),
+        lr=float(window[-1]["lr"]),
+        tokens_per_sec=throughput.rate(tokens),
+    )
+
+
+def _check_finite(state) -> None:
+    bad = int(state["nonfinite_step"])
+    if bad >= 0:
+        raise TrainingDivergedError(
+            f"The loss or gradient became NaN/Inf at step {bad}; training stopped and that update was not "
+            f"applied. The last checkpoint in the workdir is intact. Try a lower optim.lr, optim.clip_norm, "
+            f"or model.dtype=float32.")
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

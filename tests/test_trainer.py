@@ -1,0 +1,155 @@
+"""End-to-end training on the shipped quickstart model (tiny), small batches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxft import trainer
+from jaxft.errors import TrainingDivergedError
+from jaxft.models.hf import load_pretrained
+from tests.conftest import QUICKSTART, ROOT
+
+sys.path.insert(0, str(ROOT / "configs"))
+import quickstart  # noqa: E402
+
+
+def small_config(**overrides):
+    c = quickstart.get_config()
+    c.model.path, c.data.train, c.data.eval = (str(QUICKSTART / f) for f in ("model", "train.jsonl", "eval.jsonl"))
+    c.train.steps, c.train.batch_size, c.train.seq_len = 6, 4, 64
+    c.train.log_every_steps, c.train.progress_bar = 2, False
+    c.eval.every_steps, c.eval.max_batches = 3, 2
+    c.checkpoint.every_steps, c.checkpoint.async_save = 3, False
+    c.optim.warmup_steps = 2
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def _adapter(workdir):
+    return load_file(str(workdir / "export" / "adapter" / "adapter_model.safetensors"))
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_run_writes_everything(tmp_path):
+    trainer.run(small_config(), tmp_path)
+    records = _records(tmp_path)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r) for r in train)
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(np.isclose(r["eval_perplexity"], np.exp(r["eval_loss"])) for r in evals)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 6
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert any(np.abs(v).max() > 0 for k, v in _adapter(tmp_path).items() if "lora_B" in k)
+
+
+def test_frozen_weights_unchanged_and_optimizer_state_only_for_trainables():
+    c = small_config()
+    model = load_pretrained(c.model.path)
+    from flax import nnx
+    from jaxft import peft
+    from jaxft.optim import build_optimizer
+    from jaxft.peft.select import split_model
+
+    method = peft.prepare(model, c.peft, rngs=nnx.Rngs(0))
+    graphdef, params, frozen = split_model(model, method.trainable)
+    tx = build_optimizer(c.optim, 10)
+    opt_state = tx.init(params)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state) if x.ndim > 0)
+    assert state_bytes == 2 * param_bytes  # Adam's mu and nu, for trainable parameters only
+
+    import functools
+    from jaxft.data import pad_batch, tokenize, read_jsonl
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(c.model.path)
+    examples = tokenize(read_jsonl(c.data.train)[:8], tok, c.data, 64)
+    batch = pad_batch(examples, range(4), 64, tok.pad_token_id)
+    step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, schedule=lambda s: 1e-3,
+                                     accum_steps=1, dropout_key=jax.random.key(0)))
+    frozen_before = jax.tree.map(np.array, frozen)
+    state = dict(step=np.int32(0), params=params, opt_state=opt_state, nonfinite_step=np.int32(-1))
+    for _ in range(2):
+        state, _ = step(state, frozen, batch)
+    jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.array, frozen))
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params, state["params"])
+    assert any(jax.tree.leaves(changed))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    trainer.run(small_config(**{"train.steps": 2, "optim.grad_accum_steps": 1}), tmp_path / "a")
+    trainer.run(small_config(**{"train.steps": 2, "optim.grad_accum_steps": 2}), tmp_path / "b")
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_full_finetuning_exports_hf_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+    trainer.run(small_config(**{"peft.method": "full", "train.steps": 2, "optim.lr": 1e-3}), tmp_path)
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export" / "model"))
+    base = AutoModelForCausalLM.from_pretrained(str(QUICKSTART / "model"))
+    diffs = [not np.allclose(p.detach().numpy(), q.detach().numpy())
+             for p, q in zip(exported.parameters(), base.parameters())]
+    assert all(diffs)  # every tensor trained
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    c = small_config(**{"optim.name": "sgd", "optim.lr": 1e30, "optim.clip_norm": 0.0,
+                        "optim.schedule": "constant", "optim.warmup_steps": 0,
+                        "checkpoint.every_steps": 1, "train.steps": 20})
+    with pytest.raises(TrainingDivergedError, match="NaN/Inf at step"):
+        trainer.run(c, tmp_path)
+    from jaxft.checkpoint import Checkpointer
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=3, async_save=False)
+    restored = ckpt.manager.restore(ckpt.latest_step())
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["state"]["params"]))
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_parameters(tmp_path):
+    overrides = {"train.steps": 40, "checkpoint.every_steps": 4, "eval.every_steps": 0}
+    trainer.run(small_config(**overrides), tmp_path / "straight")
+
+    workdir = tmp_path / "killed"
+    args = [f"--config.{k}={v}" for k, v in {**overrides, "model.path": QUICKSTART / "model",
+                                               "data.train": QUICKSTART / "train.jsonl",
+                                               "data.eval": QUICKSTART / "eval.jsonl",
+                                               "train.batch_size": 4, "train.seq_len": 64,
+                                               "optim.warmup_steps": 2, "eval.max_batches": 2,
+                                               "train.progress_bar": False, "train.log_every_steps": 2,
+                                               "checkpoint.async_save": False}.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", "--config", str(ROOT / "configs/quickstart.py"),
+                             "--workdir", str(workdir), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "8").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"run ended before the kill: {proc.communicate()[1].decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (workdir / "export").exists(), "run ended before the kill"
+
+    trainer.run(small_config(**overrides), workdir)
+    a, b = _adapter(tmp_path / "straight"), _adapter(workdir)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
