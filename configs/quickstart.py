@@ -31,7 +31,7 @@ def get_config(arg=None):
 
     c.train.steps = 300
     c.train.batch_size = 16
-    c.train.seq_len = 128
+    c.train.seq_len = 64  # the longest row is 64 tokens with BOS and EOS
     c.train.log_every_steps = 10
     c.eval.every_steps = 100
     c.checkpoint.every_steps = 100
