@@ -32,6 +32,7 @@ from jaxft.errors import TrainingDivergedError
 from jaxft.metrics import MetricWriter, Progress, Throughput
 from jaxft.models import hf
 from jaxft.optim import build_optimizer, learning_rate_schedule
+from jaxft.peft.lora import with_dropout_keys
 from jaxft.peft.select import format_parameter_table, parameter_table, split_model
 
 log = logging.getLogger("jaxft")
@@ -62,8 +63,7 @@ def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int
     key = jax.random.fold_in(dropout_key, step)
 
     def micro_loss(params, micro, i):
-        model = nnx.merge(graphdef, params, frozen)
-        nnx.reseed(model, dropout=jax.random.fold_in(key, i))
+        model = nnx.merge(graphdef, params, with_dropout_keys(frozen, jax.random.fold_in(key, i)))
         return loss_sums(model, micro)
 
     def accumulate(carry, xs):
@@ -115,7 +115,7 @@ def run(config, workdir) -> dict:
     tokenizer = hf.load_tokenizer(config.model.path)
     model = hf.load_pretrained(config.model.path, dtype=DTYPES[config.model.dtype],
                                param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
-    method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed, dropout=config.seed))
+    method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed))
     log.info("Trainable parameters (%s):\n%s", method.name,
              format_parameter_table(parameter_table(model, method.trainable)))
     graphdef, params, frozen = split_model(model, method.trainable)

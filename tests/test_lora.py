@@ -94,3 +94,21 @@ def test_filter_counts_only_lora(llama_dir):
     trainable = sum(r["params"] for r in rows if r["trainable"])
     expected = sum(4 * (m.base_layer.in_features + m.base_layer.out_features) for m in lora_modules(model).values())
     assert trainable == expected and rows[0]["tensors"] == 2 * len(wrapped)
+
+
+def test_dropout_draws_from_the_step_key_and_is_off_in_eval(llama_dir):
+    from jaxft.peft.lora import with_dropout_keys
+    from jaxft.peft.select import split_model
+    ids, mask, _ = padded_batch(128)
+    model = load_pretrained(llama_dir)
+    apply_lora(model, LoRAConfig(rank=4, dropout=0.5), rngs=nnx.Rngs(0))
+    _randomise_b(model)
+    graphdef, params, frozen = split_model(model, trainable_filter())
+    logits = lambda k: _logits(nnx.merge(graphdef, params, with_dropout_keys(frozen, jax.random.key(k))), ids, mask)  # noqa: E731
+    np.testing.assert_array_equal(logits(1), logits(1))
+    assert np.abs(logits(1) - logits(2)).max() > 1e-3
+    eval_model = nnx.view(nnx.merge(graphdef, params, frozen), deterministic=True)
+    no_dropout = load_pretrained(llama_dir)
+    apply_lora(no_dropout, LoRAConfig(rank=4), rngs=nnx.Rngs(0))
+    _randomise_b(no_dropout)
+    np.testing.assert_allclose(_logits(eval_model, ids, mask), _logits(no_dropout, ids, mask), atol=1e-6)

@@ -101,6 +101,14 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_epochs_and_dropout(tmp_path):
+    c = small_config(**{"train.steps": None, "train.epochs": 1, "peft.dropout": 0.2, "train.batch_size": 64,
+                        "train.log_every_steps": 100})
+    trainer.run(c, tmp_path)
+    steps = [r["step"] for r in _records(tmp_path) if "loss" in r]
+    assert steps == [2581 // 64]  # one epoch of full batches, logged at the end
+
+
 def test_full_finetuning_exports_hf_model(tmp_path):
     from transformers import AutoModelForCausalLM
     trainer.run(small_config(**{"peft.method": "full", "train.steps": 2, "optim.lr": 1e-3}), tmp_path)
@@ -153,3 +161,13 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.slow
+def test_quickstart_default_cuts_eval_loss_by_30_percent(tmp_path):
+    """The README's first command, in process: the embedded default must visibly learn."""
+    c = quickstart.get_config()
+    c.train.progress_bar = False
+    trainer.run(c, tmp_path)
+    evals = [r["eval_loss"] for r in _records(tmp_path) if "eval_loss" in r]
+    assert evals[-1] <= 0.7 * evals[0], evals

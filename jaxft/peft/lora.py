@@ -35,10 +35,26 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+class DropoutKey(nnx.Variable):
+    """The PRNG key an adapter's dropout draws from. The training step writes a fresh one per
+    step into the state before merging (`with_dropout_keys`), so nothing mutates RNG state
+    inside the traced step (NNX forbids that under `lax.scan` + `grad`)."""
+
+
+def with_dropout_keys(state, key):
+    """`state` with every DropoutKey replaced by its own key folded from `key`."""
+    flat = dict(nnx.to_flat_state(state))
+    keyed = [p for p, v in flat.items() if isinstance(v, DropoutKey)]
+    for i, path in enumerate(keyed):
+        flat[path] = flat[path].replace(value=jax.random.fold_in(key, i))
+    return nnx.from_flat_state(flat) if keyed else state
+
+
 class LoRALinear(nnx.Module):
     """A `Linear` with a low-rank update: lora_a [in, r], lora_b [r, out], both float32."""
 
     def __init__(self, base_layer: Linear, *, rank: int, scale: float, dropout: float, rngs: nnx.Rngs):
+        # `rngs` only initialises A; dropout keys come from the training step.
         self.base_layer = base_layer
         self.scale = scale
         # PEFT's default: kaiming-uniform(a=sqrt(5)) for A, which is U(-1/sqrt(in), 1/sqrt(in)).
@@ -46,11 +62,12 @@ class LoRALinear(nnx.Module):
         self.lora_a = nnx.Param(
             jax.random.uniform(rngs.params(), (base_layer.in_features, rank), jnp.float32, -bound, bound))
         self.lora_b = nnx.Param(jnp.zeros((rank, base_layer.out_features), jnp.float32))
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
+        self.dropout_key = DropoutKey(jax.random.key(0)) if dropout > 0 else None
 
     def __call__(self, x):
         y = self.base_layer(x)
-        h = self.dropout(x) if self.dropout is not None else x
+        h = x if self.dropout is None else self.dropout(x, rngs=self.dropout_key.get_value())
         dtype = y.dtype
         update = (h.astype(dtype) @ self.lora_a.get_value().astype(dtype)) @ self.lora_b.get_value().astype(dtype)
         return y + (self.scale * update).astype(dtype)
