@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
