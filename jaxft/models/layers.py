@@ -223,10 +223,16 @@ def dot_product_attention(
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * scale
-    scores = jnp.where(mask[:, :, None, :, :], scores, _MASK_VALUE)
+    groups = h // kv_heads
+    # XLA's CPU dots are ~3x faster forward (~1.3x with backward) as plain 4-D
+    # [batch, heads, rows, D] products than as 5-D einsums with interleaved batch
+    # axes (measured; bench/README.md). So the query heads sharing a kv head are
+    # folded into the rows: [B, K, G*T, D] against [B, K, S, D].
+    q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, d)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32) * scale
+    row_mask = jnp.tile(mask, (1, 1, groups, 1))  # [B, 1, G*T, S]: row g*T + i is query i
+    scores = jnp.where(row_mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kv_heads, groups, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
