@@ -44,11 +44,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def loss_sums(model, batch):
     """(sum of next-token cross-entropy over target tokens, number of target tokens), float32."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])[:, :-1]
-    targets = batch["input_ids"][:, 1:]
-    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    # Position t predicts token t+1. Shifting the small targets and weights instead of
+    # slicing the [B, T, vocab] logits saves a copy of the largest tensor of the step;
+    # the last position gets weight 0.
+    targets = jnp.roll(batch["input_ids"], -1, axis=1)
+    weights = jnp.pad(batch["loss_mask"][:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # A compare-and-select reduction fuses with the logits; take_along_axis would
+    # scatter in the backward pass, which is slow on CPU.
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    target_logits = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
     return jnp.sum((log_z - target_logits) * weights), jnp.sum(weights)
 
 

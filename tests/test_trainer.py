@@ -171,3 +171,22 @@ def test_quickstart_default_cuts_eval_loss_by_30_percent(tmp_path):
     trainer.run(c, tmp_path)
     evals = [r["eval_loss"] for r in _records(tmp_path) if "eval_loss" in r]
     assert evals[-1] <= 0.7 * evals[0], evals
+
+
+def test_loss_sums_match_optax_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+    ids = rng.integers(0, 11, size=(2, 5)).astype(np.int32)
+    loss_mask = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], np.int32)
+
+    class Fixed:
+        def __call__(self, input_ids, attention_mask):
+            return jax.numpy.asarray(logits)
+
+    total, count = trainer.loss_sums(Fixed(), dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                                                   loss_mask=loss_mask))
+    import optax
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    expected = float(np.sum(np.asarray(per_token) * loss_mask[:, 1:]))
+    assert float(count) == loss_mask[:, 1:].sum()
+    assert float(total) == pytest.approx(expected, rel=1e-5)
