@@ -28,6 +28,7 @@ from jaxft import data as data_lib
 from jaxft import evaluate, export, peft
 from jaxft.config import validate
 from jaxft.errors import TrainingDivergedError
+from jaxft.losses import token_cross_entropy
 from jaxft.metrics import MetricWriter, Progress, Throughput
 from jaxft.models import hf
 from jaxft.optim import build_optimizer, learning_rate_schedule
@@ -50,12 +51,7 @@ def loss_sums(model, batch):
     # the last position gets weight 0.
     targets = jnp.roll(batch["input_ids"], -1, axis=1)
     weights = jnp.pad(batch["loss_mask"][:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    # A compare-and-select reduction fuses with the logits; take_along_axis would
-    # scatter in the backward pass, which is slow on CPU.
-    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
-    target_logits = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-    return jnp.sum((log_z - target_logits) * weights), jnp.sum(weights)
+    return jnp.sum(token_cross_entropy(logits, targets) * weights), jnp.sum(weights)
 
 
 def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int, dropout_key):
@@ -77,10 +73,13 @@ def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int
         (m_loss, m_count), m_grads = jax.value_and_grad(micro_loss, has_aux=True)(state["params"], micro, i)
         return (jax.tree.map(jnp.add, grads, m_grads), loss + m_loss, count + m_count), None
 
-    micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    (grads, loss, count), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro_batches, jnp.arange(accum_steps)))
+    if accum_steps == 1:  # no loop: XLA keeps a length-1 scan as a while loop, which blocks fusion
+        (loss, count), grads = jax.value_and_grad(micro_loss, has_aux=True)(state["params"], batch, 0)
+    else:
+        micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        (grads, loss, count), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro_batches, jnp.arange(accum_steps)))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = loss / count
