@@ -212,14 +212,16 @@ def make_attention_mask(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, causal: bool = True
 ) -> jax.Array:
     """Grouped-query attention, softmax in float32.
 
     q `[B, T, H, D]`, k/v `[B, S, K, D]` with H a multiple of K, mask
     `[B, 1, T, S]` boolean. Query head h reads kv head `h // (H // K)` (HF's
     `repeat_kv` order); the heads are grouped by a reshape so K/V are never
-    copied H/K times. Returns `[B, T, H, D]` in q's dtype.
+    copied H/K times. `causal=True` promises that the mask never lets query i see
+    a key after position i, so blocks above the diagonal are skipped instead of
+    computed and masked. Returns `[B, T, H, D]` in q's dtype.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
@@ -228,11 +230,30 @@ def dot_product_attention(
     # [batch, heads, rows, D] products than as 5-D einsums with interleaved batch
     # axes (measured; bench/README.md). So the query heads sharing a kv head are
     # folded into the rows: [B, K, G*T, D] against [B, K, S, D].
-    q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, d)
+    q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkrd,bksd->bkrs", q, k, preferred_element_type=jnp.float32) * scale
-    row_mask = jnp.tile(mask, (1, 1, groups, 1))  # [B, 1, G*T, S]: row g*T + i is query i
+    chunk = _causal_chunk(t, k.shape[2]) if causal else t
+    outs = []
+    for start in range(0, t, chunk):
+        # Queries [start, start + chunk) can only see keys before start + chunk.
+        end = start + chunk if causal else k.shape[2]
+        outs.append(_attend(q[:, :, :, start:start + chunk], k[:, :, :end], v[:, :, :end],
+                            mask[:, :, start:start + chunk, :end], scale))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _causal_chunk(t: int, s: int, target: int = 64) -> int:
+    """Query-block size for causal block skipping: `target` when it tiles a square T x T, else T."""
+    return target if t == s and t % target == 0 and t >= 2 * target else t
+
+
+def _attend(q, k, v, mask, scale):
+    """q `[B, K, G, C, D]`, k/v `[B, K, S, D]`, mask `[B, 1, C, S]` -> `[B, K, G, C, D]`."""
+    b, kv_heads, groups, c, d = q.shape
+    rows = q.reshape(b, kv_heads, groups * c, d)
+    scores = jnp.einsum("bkrd,bksd->bkrs", rows, k, preferred_element_type=jnp.float32) * scale
+    row_mask = jnp.tile(mask, (1, 1, groups, 1))  # [B, 1, G*C, S]: row g*C + i is query i
     scores = jnp.where(row_mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kv_heads, groups, t, d)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kv_heads, groups, c, d)
