@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from jaxft.config import check_known_keys, unknown_key_message, valid_keys
 from jaxft.errors import JaxftError
+from jaxft.host import tune_malloc
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py.",
                                           lock_config=True)
@@ -45,6 +46,7 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("jaxft").setLevel(logging.INFO)
+    tune_malloc()  # before JAX starts its worker threads (jaxft/host.py says why)
     from jaxft import trainer  # imported after flag parsing so --help stays fast
 
     try:
