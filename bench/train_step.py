@@ -1,25 +1,40 @@
 """Tokens/s of one LoRA training step: jaxft against transformers + peft, same shapes, same run.
 
-    python bench/train_step.py                 # the issue's shapes (about 3 minutes on 2 CPU cores)
-    python bench/train_step.py --steps 3 --layers 2 --vocab 8000   # a quicker look
+    python bench/train_step.py                 # the issue's shapes (about 5 minutes on 2 CPU cores)
+    python bench/train_step.py --rounds 2 --layers 2 --vocab 8000   # a quicker look
+    python bench/train_step.py --peer-malloc jaxft  # the peer with jaxft's allocator settings too
 
 Both sides: a Llama-shaped model with random weights (float32), LoRA rank 16 on
 every linear layer but the head, AdamW, next-token loss over all tokens of a
-random batch. Each side is warmed up (compilation for jaxft, allocator for
-torch) and then timed over `--steps` steps, forcing the results each step.
-Prints one JSON line: both figures and jaxft/peer.
+random batch. Each side runs in its own process, as each library's users run
+it: jaxft here, with the host allocator settings `python -m jaxft.train`
+applies (`jaxft.host.tune_malloc`); the peer in a child process with glibc's
+defaults, or with jaxft's settings under `--peer-malloc jaxft`. Both are built
+and warmed up (compilation, allocator) first; then the sides take turns in
+`--rounds` blocks of `--steps` steps each (ABAB...), with a pause before each
+block so the other side's spinning worker threads are idle. Each side's figure
+is the median of its blocks, so a burst of load from other tenants of the
+machine moves one block, not the result. Prints one JSON line: both figures,
+jaxft/peer, and the per-block times.
 """
 
 import argparse
 import functools
 import json
 import platform
+import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
 
+from jaxft.host import tune_malloc
 
-def parse_args():
+REPLY = "@@peer "  # marks the worker's protocol lines on its stdout
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
@@ -29,9 +44,14 @@ def parse_args():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    p.add_argument("--rounds", type=int, default=5, help="timed blocks per side, taken in turns")
     p.add_argument("--warmup", type=int, default=2)
-    return p.parse_args()
+    p.add_argument("--pause", type=float, default=2.0, help="seconds of idle before each block")
+    p.add_argument("--peer-malloc", choices=("default", "jaxft"), default="default",
+                   help="the peer process's allocator: glibc's defaults, or jaxft's settings")
+    p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
 
 def hf_config(a):
@@ -42,9 +62,9 @@ def hf_config(a):
         tie_word_embeddings=False)
 
 
-def timed(step, warmup, steps):
-    for _ in range(warmup):
-        step()
+def time_block(step, steps, pause):
+    """Mean seconds per step over one block of `steps` steps, after `pause` seconds idle."""
+    time.sleep(pause)
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -67,9 +87,9 @@ def bench_jaxft(a, ids):
     apply_lora(model, LoRAConfig(rank=a.rank, alpha=2 * a.rank), rngs=nnx.Rngs(1))
     graphdef, params, frozen = split_model(model, trainable_filter())
     tx = optax.adamw(1e-4)
-    state = dict(step=jnp.int32(0), params=params, opt_state=tx.init(params), nonfinite_step=jnp.int32(-1))
-    batch = dict(input_ids=jnp.asarray(ids), attention_mask=jnp.ones(ids.shape, jnp.int32),
-                 loss_mask=jnp.ones(ids.shape, jnp.int32))
+    state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params), "nonfinite_step": jnp.int32(-1)}
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones(ids.shape, jnp.int32),
+                 "loss_mask": jnp.ones(ids.shape, jnp.int32)}
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lambda s: 1e-4,
                                         accum_steps=1, dropout_key=jax.random.key(0)), donate_argnums=0)
     holder = {"state": state}
@@ -78,7 +98,7 @@ def bench_jaxft(a, ids):
         holder["state"], metrics = step_fn(holder["state"], frozen, batch)
         jax.block_until_ready(metrics["loss"])
 
-    return timed(step, a.warmup, a.steps), jax.__version__
+    return step, jax.__version__
 
 
 def bench_peft(a, ids):
@@ -100,26 +120,83 @@ def bench_peft(a, ids):
         opt.zero_grad(set_to_none=True)
         loss.item()
 
-    return timed(step, a.warmup, a.steps), torch.__version__, torch.get_num_threads()
+    return step, torch.__version__, torch.get_num_threads()
 
 
-def main():
-    a = parse_args()
-    ids = np.random.default_rng(0).integers(0, a.vocab, size=(a.batch, a.seq), dtype=np.int32)
+def peer_worker(a):
+    """Child process: build the peer, then time blocks of steps on request ("run N" -> seconds per step)."""
+    if a.peer_malloc == "jaxft":
+        tune_malloc()
+    step, torch_version, threads = bench_peft(a, random_ids(a))
+    for _ in range(a.warmup):
+        step()
+    print(REPLY, json.dumps({"torch": torch_version, "torch_threads": threads}), flush=True)
+    for line in sys.stdin:
+        n = int(line.split()[1])
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        print(REPLY, (time.perf_counter() - start) / n, flush=True)
+
+
+class Peer:
+    """The peer's worker process, driven over its stdin/stdout."""
+
+    def __init__(self, argv):
+        self.proc = subprocess.Popen([sys.executable, __file__, *argv, "--peer-worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self._reply())
+
+    def _reply(self) -> str:
+        for line in self.proc.stdout:  # libraries may print; protocol lines carry the marker
+            if line.startswith(REPLY):
+                return line[len(REPLY):].strip()
+        raise RuntimeError(f"peer worker exited with status {self.proc.wait()}")
+
+    def time_block(self, steps, pause) -> float:
+        time.sleep(pause)
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        return float(self._reply())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def random_ids(a):
+    return np.random.default_rng(0).integers(0, a.vocab, size=(a.batch, a.seq), dtype=np.int32)
+
+
+def main(argv):
+    a = parse_args(argv)
+    if a.peer_worker:
+        return peer_worker(a)
+    tune_malloc()  # before any JAX thread exists, as python -m jaxft.train does
+    peer = Peer(argv)
+    jax_step, jax_version = bench_jaxft(a, random_ids(a))
+    for _ in range(a.warmup):
+        jax_step()
+    jax_s, torch_s = [], []
+    for _ in range(a.rounds):
+        jax_s.append(time_block(jax_step, a.steps, a.pause))
+        torch_s.append(peer.time_block(a.steps, a.pause))
+    peer.close()
+    jax_med, torch_med = statistics.median(jax_s), statistics.median(torch_s)
     tokens = a.batch * a.seq
-    jax_s, jax_version = bench_jaxft(a, ids)
-    torch_s, torch_version, threads = bench_peft(a, ids)
     print(json.dumps({
         "bench": "lora_train_step",
         "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "ffn", "vocab", "batch", "seq", "rank")},
-        "steps_timed": a.steps,
-        "jaxft_tokens_per_sec": round(tokens / jax_s, 1),
-        "peft_tokens_per_sec": round(tokens / torch_s, 1),
-        "ratio_jaxft_over_peft": round(torch_s / jax_s, 3),
-        "jax": jax_version, "torch": torch_version, "torch_threads": threads,
+        "steps_per_block": a.steps, "rounds": a.rounds, "peer_malloc": a.peer_malloc,
+        "jaxft_tokens_per_sec": round(tokens / jax_med, 1),
+        "peft_tokens_per_sec": round(tokens / torch_med, 1),
+        "ratio_jaxft_over_peft": round(torch_med / jax_med, 3),
+        "ratio_per_round": [round(t / j, 3) for j, t in zip(jax_s, torch_s)],
+        "jaxft_s_per_step": [round(x, 3) for x in jax_s], "peft_s_per_step": [round(x, 3) for x in torch_s],
+        "jax": jax_version, **peer.info,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""Host allocator settings (jaxft/host.py), checked in a fresh interpreter so the test's own JAX threads do not matter."""
+"""Host allocator settings (jaxft/host.py), probed in a fresh interpreter whose JAX has no threads yet."""
 
 import platform
 import subprocess
