@@ -9,12 +9,12 @@ nearest valid key. User errors print one clear line and exit with status 2.
 """
 
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxft.config import check_known_keys, unknown_key_message, valid_keys
+from jaxft.cli import fail, parse_flags
+from jaxft.config import check_known_keys
 from jaxft.errors import JaxftError
 from jaxft.host import tune_malloc
 
@@ -22,24 +22,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: logs, checkpoints, exports. Reusing it resumes.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _fail(message: str):
-    print(f"jaxft: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv):
-    """absl's parser, with locked-config typos turned into a one-line error instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e))
-    except (AttributeError, KeyError) as e:  # ml_collections' answer to a key the locked config lacks
-        valid = valid_keys()
-        overrides = [a[len("--config."):].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        unknown = [key for key in overrides if key not in valid]
-        _fail(unknown_key_message(unknown[0], valid) if unknown else str(e))
 
 
 def main(argv):
@@ -53,7 +35,7 @@ def main(argv):
         check_known_keys(_CONFIG.value)
         trainer.run(_CONFIG.value, _WORKDIR.value)
     except JaxftError as e:
-        _fail(f"{type(e).__name__}: {e}")
+        fail(f"{type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
