@@ -17,7 +17,7 @@ PEFT_METHODS = ("lora", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("warmup_cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_FORMATS = ("auto", "text", "prompt_completion")
+DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "classification")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,15 +36,35 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            train=config_dict.placeholder(str),  # JSONL file
-            eval=config_dict.placeholder(str),  # JSONL file; else eval_fraction of train
+            # A .jsonl/.json/.csv/.parquet/.arrow file, a glob of them, a `save_to_disk`
+            # directory, or a hub dataset id (with hub_config and the splits below).
+            train=config_dict.placeholder(str),
+            train_split="train",  # hub ids and save_to_disk dataset dicts
+            eval=config_dict.placeholder(str),  # same kinds as train; else eval_fraction of train
+            eval_split="validation",
             eval_fraction=0.0,
-            format="auto",  # auto: detected from the first row's fields
+            hub_config=config_dict.placeholder(str),  # the hub dataset's config (subset) name
+            format="auto",  # text, prompt_completion, messages, classification; auto: from the columns
             text_field="text",
             prompt_field="prompt",
             completion_field="completion",
-            add_bos=True,  # prepend BOS where the tokenizer has one
-            add_eos=True,  # append EOS so the model learns to stop
+            messages_field="messages",  # a list of {"role", "content"}; loss on assistant turns
+            label_field="label",
+            labels=config_dict.placeholder(str),  # comma-separated label set in id order; default: sorted found
+            classification_prompt="{text}\nLabel:",  # then " <label>" is trained
+            chat_template=config_dict.placeholder(str),  # Jinja text or a file; default: the tokenizer's
+            add_bos=config_dict.placeholder(bool),  # default: as the tokenizer does (Llama yes, Qwen no)
+            add_eos=True,  # append EOS so the model learns to stop (text, prompt_completion, classification)
+            too_long="truncate",  # rows over train.seq_len: "truncate" or "drop" (counted either way)
+            packing=False,  # several examples per row, attention kept within each
+            strip=True,  # trim outer whitespace (a completion keeps its leading space)
+            drop_empty=True,
+            dedup=True,  # drop exact duplicate rows
+            min_tokens=0,
+            max_tokens=config_dict.placeholder(int),  # drop longer rows (before the seq_len cap)
+            on_bad_row="error",  # malformed rows: "error" (naming file and row) or "skip" (counted)
+            prefetch=2,  # batches prepared ahead of the step
+            cache=True,  # keep tokenised sets under <workdir>/data_cache
         )
     )
 
@@ -171,10 +191,13 @@ def validate(config) -> None:
         raise ConfigError("model.path is not set: give a Hugging Face model directory (or hub id), "
                           "e.g. --config.model.path=/models/Llama-3.2-1B.")
     if not config.data.train:
-        raise ConfigError("data.train is not set: give a JSONL file, e.g. --config.data.train=train.jsonl.")
+        raise ConfigError("data.train is not set: give a data file, glob or hub dataset id, "
+                          "e.g. --config.data.train=train.jsonl.")
     _choice(config, "model.dtype", DTYPES)
     _choice(config, "model.param_dtype", DTYPES)
     _choice(config, "data.format", DATA_FORMATS)
+    _choice(config, "data.too_long", ("truncate", "drop"))
+    _choice(config, "data.on_bad_row", ("error", "skip"))
     _choice(config, "peft.method", PEFT_METHODS)
     _choice(config, "optim.name", OPTIMIZERS)
     _choice(config, "optim.schedule", SCHEDULES)
@@ -184,10 +207,11 @@ def validate(config) -> None:
     for key in ("train.steps", "train.epochs", "train.batch_size", "train.seq_len",
                 "train.log_every_steps", "optim.lr", "optim.grad_accum_steps",
                 "peft.rank", "peft.alpha", "checkpoint.every_steps", "checkpoint.keep",
-                "eval.batch_size", "eval.max_batches"):
+                "eval.batch_size", "eval.max_batches", "data.max_tokens"):
         _positive(config, key)
     for key in ("optim.warmup_steps", "optim.weight_decay", "optim.clip_norm",
-                "optim.end_lr_ratio", "eval.every_steps", "data.eval_fraction", "peft.dropout"):
+                "optim.end_lr_ratio", "eval.every_steps", "data.eval_fraction", "peft.dropout",
+                "data.min_tokens", "data.prefetch"):
         _positive(config, key, allow_zero=True)
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1).")

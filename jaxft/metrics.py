@@ -70,13 +70,16 @@ class Progress:
 
 
 class Throughput:
-    """Tokens per second between two readings of the wall clock."""
+    """Tokens per second, and the share of wall time spent waiting for input, between two readings."""
 
     def __init__(self):
         self._last = time.perf_counter()
+        self._waited = 0.0
 
-    def rate(self, tokens: int) -> float:
+    def rates(self, tokens: int, input_wait_seconds: float) -> dict:
+        """`input_wait_seconds` is the running total of time blocked on input (Prefetcher.wait_seconds)."""
         now = time.perf_counter()
-        rate = tokens / max(now - self._last, 1e-9)
-        self._last = now
-        return rate
+        elapsed = max(now - self._last, 1e-9)
+        waited = input_wait_seconds - self._waited
+        self._last, self._waited = now, input_wait_seconds
+        return dict(tokens_per_sec=tokens / elapsed, input_wait_fraction=round(min(waited / elapsed, 1.0), 4))

@@ -10,7 +10,6 @@ import jax
 import optax
 
 
-
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `cfg.lr`, then cosine, linear decay, or constant."""
     warmup = min(cfg.warmup_steps, total_steps)

@@ -27,7 +27,7 @@ from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
 from jaxft import evaluate, export, peft
 from jaxft.config import validate
-from jaxft.errors import TrainingDivergedError
+from jaxft.errors import DataError, TrainingDivergedError
 from jaxft.losses import token_cross_entropy
 from jaxft.metrics import MetricWriter, Progress, Throughput
 from jaxft.models import hf
@@ -45,7 +45,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def loss_sums(model, batch):
     """(sum of next-token cross-entropy over target tokens, number of target tokens), float32."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    # Packed rows carry segment ids and restarting positions (jaxft/data/packing.py).
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
     # Position t predicts token t+1. Shifting the small targets and weights instead of
     # slicing the [B, T, vocab] logits saves a copy of the largest tensor of the step;
     # the last position gets weight 0.
@@ -127,11 +129,16 @@ def run(config, workdir) -> dict:
 
     # 2. Data -------------------------------------------------------------------
     seq_len, batch_size = config.train.seq_len, config.train.batch_size
-    train_set, eval_set = data_lib.load_datasets(config.data, tokenizer, seq_len, config.seed)
-    pad_id = data_lib.pad_token_id(tokenizer)
-    order = data_lib.TrainOrder(len(train_set), batch_size, config.seed)
+    data = data_lib.load(config, tokenizer, cache_dir=workdir / "data_cache" if config.data.cache else None)
+    train_set, eval_set = data.train, data.eval
+    order = train_set.order
     total_steps = config.train.steps or config.train.epochs * order.steps_per_epoch
-    log.info("Data: %s", json.dumps({"train": train_set.report, "eval": eval_set and eval_set.report}))
+    if jax.process_index() == 0:
+        _write_json(workdir / "data_report.json", data.report)
+        if data.label_names is not None:
+            _write_json(workdir / "labels.json", dict(labels=data.label_names,
+                                                      label_to_id={n: i for i, n in enumerate(data.label_names)}))
+    log.info("Data report (also in data_report.json): %s", json.dumps(data.report))
     log.info("%d steps of %d rows x %d tokens (%d steps per epoch)", total_steps, batch_size, seq_len,
              order.steps_per_epoch)
 
@@ -147,22 +154,25 @@ def run(config, workdir) -> dict:
     checkpoints = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
                                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     fingerprint = ckpt_lib.fingerprint(params)
+    data_fingerprint = train_set.fingerprint()
     if checkpoints.latest_step() is not None:
-        state, _ = checkpoints.restore(checkpoints.latest_step(), state, fingerprint)
-        log.info("Resumed from %s at step %d", checkpoints.directory, int(state["step"]))
+        state, meta = checkpoints.restore(checkpoints.latest_step(), state, fingerprint)
+        _check_data_position(meta, order, int(state["step"]), data_fingerprint)
+        log.info("Resumed from %s at step %d (epoch %d, batch %d of the epoch)", checkpoints.directory,
+                 int(state["step"]), *order.position(int(state["step"])).values())
     start_step = int(state["step"])
 
     # 5. Loop -------------------------------------------------------------------
     writer = MetricWriter(workdir)
     progress = Progress(total_steps, start_step, config.train.progress_bar)
     throughput = Throughput()
-    evaluate_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, pad_id)
+    evaluate_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id)
     last = {}
 
     def save(step):
         _check_finite(state)
-        checkpoints.save(step, state, dict(step=step, epoch=step // order.steps_per_epoch,
-                                           examples_seen=step * batch_size, fingerprint=fingerprint))
+        checkpoints.save(step, state, dict(step=step, **order.position(step), rows_seen=step * batch_size,
+                                           data_fingerprint=data_fingerprint, fingerprint=fingerprint))
 
     if start_step == 0 and eval_set is not None:
         last = evaluate_now(state["params"])
@@ -170,16 +180,16 @@ def run(config, workdir) -> dict:
         log.info("step 0: %s", _fmt(last))
 
     window, window_tokens = [], 0
+    batches = data_lib.Prefetcher(train_set.batch, range(start_step, total_steps), config.data.prefetch)
     try:
-        for step in range(start_step, total_steps):
-            batch = data_lib.pad_batch(train_set, order.indices(step), seq_len, pad_id)
+        for step, batch in batches:
             state, metrics = step_fn(state, frozen, batch)
             window.append(metrics)
             window_tokens += int(batch["attention_mask"].sum())
             done = step + 1
             progress.update(done, last)
             if done % config.train.log_every_steps == 0 or done == total_steps:
-                last = _summarise(window, window_tokens, throughput)
+                last = _summarise(window, throughput.rates(window_tokens, batches.wait_seconds))
                 _check_finite(state)
                 writer.write(done, last)
                 window, window_tokens = [], 0
@@ -195,6 +205,7 @@ def run(config, workdir) -> dict:
         save(int(state["step"]))
         raise
     finally:
+        batches.close()
         checkpoints.wait()
         checkpoints.close()
         progress.close()
@@ -220,15 +231,32 @@ def _evaluate(eval_fn, frozen, eval_set, config, pad_id, params) -> dict:
     return evaluate.loss_and_perplexity(functools.partial(eval_fn, params, frozen), batches)
 
 
-def _summarise(window: list[dict], tokens: int, throughput: Throughput) -> dict:
-    """Means over the logging window (not the last step alone), plus tokens/s."""
+def _summarise(window: list[dict], rates: dict) -> dict:
+    """Means over the logging window (not the last step alone), plus tokens/s and input wait."""
     window = jax.device_get(window)
     return dict(
         loss=float(np.mean([m["loss"] for m in window])),
         grad_norm=float(np.mean([m["grad_norm"] for m in window])),
         lr=float(window[-1]["lr"]),
-        tokens_per_sec=throughput.rate(tokens),
+        **rates,
     )
+
+
+def _check_data_position(meta: dict, order, step: int, data_fingerprint: str) -> None:
+    """A resume must read the data the checkpoint's run read, from the same position."""
+    saved = meta.get("data_fingerprint")
+    if saved is not None and saved != data_fingerprint:
+        raise DataError("The training data (or its tokenisation, cleaning or packing settings) differ from the "
+                        "run that wrote the checkpoint, so resuming cannot continue its batch order. Resume "
+                        "with the same data and data.* settings, or use a new --workdir.")
+    if "epoch" in meta and (meta["epoch"], meta.get("batch_in_epoch")) != tuple(order.position(step).values()):
+        raise DataError(f"The checkpoint's data position (epoch {meta['epoch']}, batch {meta.get('batch_in_epoch')})"
+                        f" does not match step {step} under this train.batch_size; resume with the same "
+                        f"train.batch_size and seed, or use a new --workdir.")
+
+
+def _write_json(path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _check_finite(state) -> None:

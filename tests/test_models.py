@@ -11,13 +11,12 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-from tests.tiny_hf import load_torch_model, padded_batch, save_tiny_model, torch_logits
 
 from jaxft.errors import ConfigError, ModelLoadError
 from jaxft.models import (
+    Linear,
     LlamaConfig,
     LlamaForCausalLM,
-    Linear,
     RMSNorm,
     config_from_hf,
     load_pretrained,
@@ -25,6 +24,7 @@ from jaxft.models import (
     read_config,
     to_hf_state_dict,
 )
+from tests.tiny_hf import load_torch_model, padded_batch, save_tiny_model, torch_logits
 
 TOL = 1e-4
 

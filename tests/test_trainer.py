@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxft import trainer
-from jaxft.errors import TrainingDivergedError
+from jaxft.errors import DataError, TrainingDivergedError
 from jaxft.models.hf import load_pretrained
 from tests.conftest import QUICKSTART, ROOT
 
@@ -64,6 +64,7 @@ def test_frozen_weights_unchanged_and_optimizer_state_only_for_trainables():
     c = small_config()
     model = load_pretrained(c.model.path)
     from flax import nnx
+
     from jaxft import peft
     from jaxft.optim import build_optimizer
     from jaxft.peft.select import split_model
@@ -77,11 +78,12 @@ def test_frozen_weights_unchanged_and_optimizer_state_only_for_trainables():
     assert state_bytes == 2 * param_bytes  # Adam's mu and nu, for trainable parameters only
 
     import functools
-    from jaxft.data import pad_batch, tokenize, read_jsonl
+
     from transformers import AutoTokenizer
+
+    from jaxft import data as data_lib
     tok = AutoTokenizer.from_pretrained(c.model.path)
-    examples = tokenize(read_jsonl(c.data.train)[:8], tok, c.data, 64)
-    batch = pad_batch(examples, range(4), 64, tok.pad_token_id)
+    batch = data_lib.load(c, tok).train.batch(0)
     step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, schedule=lambda s: 1e-3,
                                      accum_steps=1, dropout_key=jax.random.key(0)))
     frozen_before = jax.tree.map(np.array, frozen)
@@ -134,12 +136,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_parameters(tmp_path):
-    overrides = {"train.steps": 40, "checkpoint.every_steps": 4, "eval.every_steps": 0}
+    # 40 packed examples make ~20 rows: 5 steps per epoch, so the resume at step 8 crosses epoch boundaries.
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join((QUICKSTART / "train.jsonl").read_text().splitlines()[:40]) + "\n")
+    overrides = {"train.steps": 40, "checkpoint.every_steps": 4, "eval.every_steps": 0, "data.train": str(train),
+                 "data.packing": True}
     trainer.run(small_config(**overrides), tmp_path / "straight")
+    report = json.loads((tmp_path / "straight" / "data_report.json").read_text())
+    assert report["packing"]["rows"] // 4 < 8  # the kill below comes after at least one epoch boundary
 
     workdir = tmp_path / "killed"
     args = [f"--config.{k}={v}" for k, v in {**overrides, "model.path": QUICKSTART / "model",
-                                               "data.train": QUICKSTART / "train.jsonl",
                                                "data.eval": QUICKSTART / "eval.jsonl",
                                                "train.batch_size": 4, "train.seq_len": 64,
                                                "optim.warmup_steps": 2, "eval.max_batches": 2,
@@ -161,6 +168,17 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+    losses = lambda w: {r["step"]: r["loss"] for r in _records(w) if "loss" in r}  # noqa: E731
+    straight, resumed = losses(tmp_path / "straight"), losses(workdir)
+    assert all(resumed[s] == straight[s] for s in resumed if s > 8)  # the same batches after the resume
+
+
+def test_resume_with_other_data_is_refused(tmp_path):
+    trainer.run(small_config(**{"train.steps": 3, "eval.every_steps": 0}), tmp_path)
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join((QUICKSTART / "train.jsonl").read_text().splitlines()[:40]) + "\n")
+    with pytest.raises(DataError, match="training data .* differ from the run that wrote the checkpoint"):
+        trainer.run(small_config(**{"train.steps": 6, "eval.every_steps": 0, "data.train": str(other)}), tmp_path)
 
 
 @pytest.mark.slow
@@ -180,7 +198,7 @@ def test_loss_sums_match_optax_cross_entropy():
     loss_mask = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], np.int32)
 
     class Fixed:
-        def __call__(self, input_ids, attention_mask):
+        def __call__(self, input_ids, **masks_and_positions):
             return jax.numpy.asarray(logits)
 
     total, count = trainer.loss_sums(Fixed(), dict(input_ids=ids, attention_mask=np.ones_like(ids),

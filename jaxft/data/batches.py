@@ -1,0 +1,146 @@
+"""Examples -> the batch of each step: order, padding, this process's shard, prefetch.
+
+The training order is a permutation of the training units (examples, or packed
+rows) drawn from `(seed, epoch)`, so the batch of any step is a function of the
+step alone: a resumed run sees exactly the batches an uninterrupted one would.
+On several hosts each process builds only its own slice of every global batch
+and `jax.make_array_from_process_local_data` joins the slices into one array
+sharded over the mesh's batch axis.
+"""
+
+import math
+import queue
+import threading
+import time
+
+import jax
+import numpy as np
+
+from jaxft.errors import DataError
+
+
+class TrainOrder:
+    """Which units make up the batch of each step: a fresh permutation per epoch, from (seed, epoch).
+
+    The last partial batch of an epoch is dropped so every step sees a full batch.
+    """
+
+    def __init__(self, num_units: int, batch_size: int, seed: int):
+        if num_units < batch_size:
+            raise DataError(f"The training set has {num_units} usable rows, fewer than "
+                            f"train.batch_size={batch_size}.")
+        self.num_units, self.batch_size, self.seed = num_units, batch_size, seed
+        self.steps_per_epoch = num_units // batch_size
+
+    def position(self, step: int) -> dict:
+        """Where `step` reads: its epoch and the batch within that epoch."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        return dict(epoch=epoch, batch_in_epoch=batch)
+
+    def indices(self, step: int) -> np.ndarray:
+        pos = self.position(step)
+        perm = np.random.default_rng([self.seed, pos["epoch"]]).permutation(self.num_units)
+        start = pos["batch_in_epoch"] * self.batch_size
+        return perm[start:start + self.batch_size]
+
+
+def pad_batch(examples, indices, seq_len: int, pad_id: int, batch_size: int | None = None) -> dict:
+    """A [batch, seq_len] batch, one example per row: input_ids, attention_mask, loss_mask.
+
+    Rows past `len(indices)` (a short final eval batch) are all padding and carry no loss.
+    """
+    batch_size = batch_size or len(indices)
+    input_ids = np.full((batch_size, seq_len), pad_id, np.int32)
+    attention = np.zeros((batch_size, seq_len), np.int32)
+    loss_mask = np.zeros((batch_size, seq_len), np.int32)
+    for row, i in enumerate(indices):
+        ids, mask = examples.get(i)
+        input_ids[row, : len(ids)] = ids
+        attention[row, : len(ids)] = 1
+        loss_mask[row, : len(ids)] = mask
+    return dict(input_ids=input_ids, attention_mask=attention, loss_mask=loss_mask)
+
+
+def eval_batches(examples, batch_size: int, seq_len: int, pad_id: int, max_batches=None):
+    """The eval set in file order, in full-size batches (the last one padded with loss-free rows)."""
+    n_batches = math.ceil(len(examples) / batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        indices = range(b * batch_size, min((b + 1) * batch_size, len(examples)))
+        yield pad_batch(examples, indices, seq_len, pad_id, batch_size)
+
+
+# ----------------------------------------------------------------------------- hosts
+
+
+def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of a global batch that process `process_index` of `process_count` builds."""
+    if global_batch_size % process_count:
+        raise DataError(f"The global batch of {global_batch_size} rows does not split evenly over "
+                        f"{process_count} processes; make train.batch_size a multiple of {process_count}.")
+    per = global_batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, axes=("data",)) -> jax.sharding.NamedSharding:
+    """Rows split over the mesh's batch axes, everything else whole."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+
+
+def to_global(local_batch: dict, sharding: jax.sharding.NamedSharding, global_rows: int) -> dict:
+    """This process's rows -> global arrays of `global_rows` rows sharded as `sharding` says."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
+            for k, v in local_batch.items()}
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+
+class Prefetcher:
+    """Builds the next `depth` batches in a background thread while the step runs.
+
+    `wait_seconds` is the time the consumer spent blocked on input: the step's
+    input-wait, which the run reports as a fraction of wall time.
+    """
+
+    _DONE = object()
+
+    def __init__(self, make_batch, steps, depth: int = 2):
+        self.wait_seconds = 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(make_batch, steps), daemon=True)
+        self._thread.start()
+
+    def _fill(self, make_batch, steps):
+        try:
+            for step in steps:
+                item = (step, make_batch(step))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put((None, e))
+            return
+        self._queue.put((None, self._DONE))
+
+    def __iter__(self):
+        while True:
+            start = time.perf_counter()
+            step, item = self._queue.get()
+            self.wait_seconds += time.perf_counter() - start
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield step, item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,204 @@
+"""Rows -> token ids and loss masks, cleaned, with a report of everything dropped or changed.
+
+Cleaning (strip, drop empty rows, exact duplicates, length filters) and the
+`train.seq_len` cap each count what they drop under a reason in the report;
+rows that are malformed (a missing field, a wrong type, a chat without an
+assistant turn, an unknown label) stop the run naming file and row, or with
+`data.on_bad_row='skip'` are counted as skipped. Nothing disappears silently.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+
+from jaxft.data.formats import Rendered, RowError, make_renderer
+from jaxft.data.sources import Source, unreadable
+from jaxft.errors import DataError
+
+BATCH_ROWS = 1000  # rows per tokenizer call: fast tokenizers parallelise within a call
+CLEANING_REASONS = ("empty", "duplicate", "too_short", "too_long", "over_seq_len", "no_target")
+
+
+@dataclasses.dataclass
+class Examples:
+    """Encoded examples in flat arrays: example i is `tokens[offsets[i]:offsets[i+1]]`.
+
+    `loss_mask` is 1 where the token is a training target (predicted from the tokens before
+    it); an example's first token never is. `origin[i]` is (file index, row) in its source.
+    """
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray | None
+    origin: np.ndarray
+    report: dict
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[lo:hi], self.loss_mask[lo:hi]
+
+    def subset(self, indices) -> "Examples":
+        indices = np.asarray(indices, np.int64)
+        pieces = [self.get(i) for i in indices]
+        lengths = np.array([len(t) for t, _ in pieces], np.int64)
+        return Examples(
+            tokens=np.concatenate([t for t, _ in pieces]) if pieces else self.tokens[:0],
+            loss_mask=np.concatenate([m for _, m in pieces]) if pieces else self.loss_mask[:0],
+            offsets=np.concatenate([[0], np.cumsum(lengths)]),
+            labels=None if self.labels is None else self.labels[indices],
+            origin=self.origin[indices],
+            report=dict(self.report),
+        )
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself prepends BOS when asked for special tokens (Llama yes, Qwen and GPT-2 no)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+class Encoder:
+    """Encodes batches of rows for one source, keeping the cleaning state (seen rows) and the report."""
+
+    def __init__(self, source: Source, fmt: str, tokenizer, cfg, seq_len: int, label_names=None):
+        self.source, self.tokenizer, self.cfg, self.seq_len = source, tokenizer, cfg, seq_len
+        self.render = make_renderer(fmt, cfg, tokenizer, label_names)
+        add_bos = tokenizer_adds_bos(tokenizer) if cfg.add_bos is None else cfg.add_bos
+        self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        self.eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+        self.seen: set[bytes] = set()
+        self.dropped = collections.Counter()
+        self.skipped = collections.Counter()
+        self.rows_read = self.truncated = self.tokens = self.loss_tokens = 0
+        self.raw_lengths: list[int] = []
+        self.format = fmt
+
+    def encode_rows(self, rows: list[dict]) -> list[tuple[list[int], list[int], int | None, tuple[int, int]]]:
+        """(ids, loss mask, label id, origin) for each usable row of `rows`, in order."""
+        self.rows_read += len(rows)
+        rendered = [(row, r) for row in rows if (r := self._render(row)) is not None]
+        texts = [text for _, r in rendered for text, _ in r.segments]
+        ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        out = []
+        for row, r in rendered:
+            example = self._assemble(r, [next(ids) for _ in r.segments])
+            if example is not None:
+                out.append((*example, r.label, (row["_file"], row["_row"])))
+        return out
+
+    def _render(self, row) -> Rendered | None:
+        try:
+            rendered = self.render(row)
+        except RowError as e:
+            if e.reason in CLEANING_REASONS:
+                self.dropped[e.reason] += 1
+                return None
+            if self.cfg.on_bad_row == "skip":
+                self.skipped[e.reason] += 1
+                return None
+            raise DataError(f"{self.source.where(row['_file'], row['_row'])}: {e} "
+                            f"(set data.on_bad_row=skip to count and skip such rows).") from None
+        if self.cfg.dedup:
+            key = hashlib.blake2b(json.dumps([rendered.segments, rendered.label]).encode(), digest_size=16).digest()
+            if key in self.seen:
+                self.dropped["duplicate"] += 1
+                return None
+            self.seen.add(key)
+        return rendered
+
+    def _assemble(self, r: Rendered, segment_ids: list[list[int]]):
+        ids, mask = (list(self.bos), [0] * len(self.bos)) if r.bos_eos else ([], [])
+        for (_, trained), seg in zip(r.segments, segment_ids):
+            ids += seg
+            mask += [int(trained)] * len(seg)
+        if r.bos_eos and self.eos:
+            ids += self.eos
+            mask += [int(r.segments[-1][1])]
+        if mask:
+            mask[0] = 0  # nothing predicts an example's first token (and packing must not either)
+        n = len(ids)
+        self.raw_lengths.append(n)
+        cfg = self.cfg
+        if n < cfg.min_tokens:
+            return self._drop("too_short")
+        if cfg.max_tokens and n > cfg.max_tokens:
+            return self._drop("too_long")
+        if n > self.seq_len:
+            if cfg.too_long == "drop":
+                return self._drop("over_seq_len")
+            ids, mask = ids[: self.seq_len], mask[: self.seq_len]
+            self.truncated += 1
+        if not any(mask):
+            return self._drop("no_target")  # e.g. the prompt filled train.seq_len
+        self.tokens += len(ids)
+        self.loss_tokens += sum(mask)
+        return ids, mask
+
+    def _drop(self, reason):
+        self.dropped[reason] += 1
+        return None
+
+    def report(self, kept: int) -> dict:
+        """What was read, kept, dropped (by reason), skipped and truncated; token lengths before the cap."""
+        lengths = np.asarray(self.raw_lengths or [0])
+        edges = [2**k for k in range(3, max(4, int(np.ceil(np.log2(max(lengths.max(), 8)))) + 1))]
+        bins = np.searchsorted(edges, lengths)  # bin i: edges[i-1] < length <= edges[i]
+        return dict(
+            source=self.source.spec, format=self.format, rows_read=self.rows_read, rows_kept=kept,
+            dropped=dict(sorted(self.dropped.items())), skipped_bad_rows=dict(sorted(self.skipped.items())),
+            truncated=self.truncated, tokens=self.tokens, loss_tokens=self.loss_tokens,
+            loss_token_fraction=round(self.loss_tokens / max(self.tokens, 1), 4),
+            length_percentiles={p: int(np.percentile(lengths, q)) for p, q in
+                                (("min", 0), ("p50", 50), ("p95", 95), ("max", 100))},
+            length_histogram={f"<={e}": int(c) for e, c in zip(edges, np.bincount(bins, minlength=len(edges)))},
+        )
+
+
+def encode_all(parts, encoder: Encoder) -> Examples:
+    """Every usable row of the datasets in `parts` (in order) as Examples."""
+    ids, masks, labels, origins = [], [], [], []
+    for file_index, ds in enumerate(parts):
+        for batch in _batches(ds, encoder.source, file_index):
+            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            for example_ids, mask, label, origin in encoder.encode_rows(rows):
+                ids.append(example_ids)
+                masks.append(mask)
+                labels.append(label)
+                origins.append(origin)
+    if not ids:
+        raise DataError(f"No usable rows in {encoder.source.spec}: " + json.dumps(encoder.report(0)))
+    lengths = np.array([len(x) for x in ids], np.int64)
+    return Examples(
+        tokens=np.fromiter((t for x in ids for t in x), np.int32, int(lengths.sum())),
+        loss_mask=np.fromiter((m for x in masks for m in x), np.int8, int(lengths.sum())),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        labels=None if labels[0] is None else np.asarray(labels, np.int32),
+        origin=np.asarray(origins, np.int64).reshape(-1, 2),
+        report=encoder.report(len(ids)),
+    )
+
+
+def _batches(ds, source: Source, file_index: int):
+    """`ds.iter` in batches; a file that fails while being read (not only while loading) is diagnosed."""
+    it = ds.iter(batch_size=BATCH_ROWS)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (DataError, RowError):
+            raise
+        except Exception as e:  # pyarrow decoding errors surface here for lazily read files
+            raise unreadable(source, file_index, e) from e
+        yield batch

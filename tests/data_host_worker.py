@@ -1,0 +1,46 @@
+"""One process of the two-process data test (tests/test_data_hosts.py): builds its slices of the global
+batches, joins them with make_array_from_process_local_data, and writes what it saw as JSON."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from jax.experimental import multihost_utils  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from jaxft.config import base_config  # noqa: E402
+from jaxft.data import batch_sharding, load, process_slice, to_global  # noqa: E402
+
+
+def main(port, process_id, train_file, packing, out):
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(process_id))
+    c = base_config()
+    c.model.path, c.data.train, c.data.packing = os.environ["QUICKSTART_MODEL"], train_file, packing == "1"
+    c.train.steps, c.train.batch_size, c.train.seq_len = 3, 8, 64
+    data = load(c, AutoTokenizer.from_pretrained(c.model.path))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    part = process_slice(8, jax.process_index(), jax.process_count())
+    record = dict(devices=jax.device_count(), local_devices=jax.local_device_count(), steps=[])
+    for step in range(3):
+        local = data.train.batch(step, part)
+        global_batch = to_global(local, batch_sharding(mesh), 8)
+        gathered = multihost_utils.process_allgather(global_batch, tiled=True)
+        full = data.train.batch(step)
+        record["steps"].append(dict(
+            units=data.train.order.indices(step)[part].tolist(),
+            global_shape=list(global_batch["input_ids"].shape),
+            gathered_equals_full=all(np.array_equal(gathered[k], full[k]) for k in full),
+            local_rows=int(local["input_ids"].shape[0])))
+    with open(out, "w") as f:
+        json.dump(record, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
