@@ -5,8 +5,10 @@
         --config.data.train=train.jsonl --config.data.eval=eval.jsonl \
         --config.peft.rank=16 --config.optim.lr=2e-4 --config.train.steps=1000
 
-Rows are {"text": ...} (loss on every token) or {"prompt": ..., "completion": ...}
-(loss on the completion). The adapter lands in <workdir>/export/adapter in PEFT format.
+Data: JSONL/JSON/CSV/Parquet/Arrow files, globs, save_to_disk directories or hub ids,
+in text, prompt_completion, messages (chat) or classification format (README, "Data");
+`python -m jaxft.data --config configs/llama_lora.py ... --show 3` previews it.
+The adapter lands in <workdir>/export/adapter in PEFT format.
 """
 
 from jaxft.config import base_config

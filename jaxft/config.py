@@ -44,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
             eval_split="validation",
             eval_fraction=0.0,
             hub_config=config_dict.placeholder(str),  # the hub dataset's config (subset) name
+            streaming=False,  # read train while training (larger than memory); needs train.steps
+            shuffle_buffer=10_000,  # examples in the streaming shuffle buffer
             format="auto",  # text, prompt_completion, messages, classification; auto: from the columns
             text_field="text",
             prompt_field="prompt",
@@ -217,6 +219,11 @@ def validate(config) -> None:
         raise ConfigError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1).")
     if not 0.0 <= config.peft.dropout < 1.0:
         raise ConfigError(f"peft.dropout={config.peft.dropout} must be in [0, 1).")
+    if config.data.streaming and config.train.steps is None:
+        raise ConfigError("data.streaming=True needs train.steps: a stream's length is unknown until it is read.")
+    if config.data.streaming and config.data.eval_fraction:
+        raise ConfigError("data.streaming=True cannot hold out data.eval_fraction of a stream; give data.eval.")
+    _positive(config, "data.shuffle_buffer")
     if config.train.batch_size % config.optim.grad_accum_steps:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must divide by "
                           f"optim.grad_accum_steps={config.optim.grad_accum_steps}.")

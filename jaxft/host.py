@@ -8,6 +8,11 @@ of page faults and about a third of the LoRA training step
 (bench/README.md). Keeping freed memory in one arena removes that cost; the
 price is that the process keeps its peak heap, which a training run reaches
 in its first step anyway.
+
+One arena is a bad deal for a multi-threaded tokenizer (the Rust `tokenizers`
+pool ran 2.5x slower sharing it), so the trainer tunes after tokenising:
+threads that exist by then keep their own arenas, and XLA's, started after,
+share the main one.
 """
 
 import ctypes
@@ -28,8 +33,8 @@ OPT_OUT_ENV = "JAXFT_KEEP_MALLOC"
 def tune_malloc() -> bool:
     """Make glibc keep freed memory for reuse instead of unmapping it; True if applied.
 
-    Call before the first JAX computation: arenas of threads that already exist
-    keep their old behaviour. A no-op off glibc, or with `JAXFT_KEEP_MALLOC=1`.
+    Call after tokenising and before the first JAX computation: threads that already
+    exist keep their arenas. A no-op off glibc, or with `JAXFT_KEEP_MALLOC=1`.
     """
     if os.environ.get(OPT_OUT_ENV) == "1" or platform.libc_ver()[0] != "glibc":
         return False

@@ -16,7 +16,6 @@ from ml_collections import config_flags
 from jaxft.cli import fail, parse_flags
 from jaxft.config import check_known_keys
 from jaxft.errors import JaxftError
-from jaxft.host import tune_malloc
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py.",
                                           lock_config=True)
@@ -28,12 +27,11 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("jaxft").setLevel(logging.INFO)
-    tune_malloc()  # before JAX starts its worker threads (jaxft/host.py says why)
     from jaxft import trainer  # imported after flag parsing so --help stays fast
 
     try:
         check_known_keys(_CONFIG.value)
-        trainer.run(_CONFIG.value, _WORKDIR.value)
+        trainer.run(_CONFIG.value, _WORKDIR.value, tune_host=True)
     except JaxftError as e:
         fail(f"{type(e).__name__}: {e}")
 

@@ -1,8 +1,10 @@
 """The training flow, top to bottom: `run(config, workdir)`.
 
-1. Setup: validate the config, load tokenizer and model, apply the method,
-   cut the model into trainable parameters and the frozen rest.
-2. Data: tokenise train and eval sets; the order of batches is a function of the step.
+1. Data: validate the config, load the tokenizer, tokenise train and eval sets
+   (first, so bad data fails before a large model loads); the order of batches
+   is a function of the step.
+2. Setup and model: load the model, apply the method, cut it into trainable
+   parameters and the frozen rest.
 3. Optimizer and state: optax over the trainable parameters only.
 4. Resume: the latest checkpoint in the workdir, if any.
 5. Loop: steps, logging, evaluation, checkpoints, NaN/Inf stop.
@@ -27,7 +29,8 @@ from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
 from jaxft import evaluate, export, peft
 from jaxft.config import validate
-from jaxft.errors import DataError, TrainingDivergedError
+from jaxft.errors import ConfigError, DataError, TrainingDivergedError
+from jaxft.host import tune_malloc
 from jaxft.losses import token_cross_entropy
 from jaxft.metrics import MetricWriter, Progress, Throughput
 from jaxft.models import hf
@@ -109,16 +112,40 @@ def eval_step(params, frozen, batch, *, graphdef):
 # ----------------------------------------------------------------------------- flow
 
 
-def run(config, workdir) -> dict:
-    """Train as `config` says, in `workdir`; resume if it holds a checkpoint. Returns the last metrics."""
-    # 1. Setup ------------------------------------------------------------------
+def run(config, workdir, *, tune_host: bool = False) -> dict:
+    """Train as `config` says, in `workdir`; resume if it holds a checkpoint. Returns the last metrics.
+
+    `tune_host` applies `jaxft.host.tune_malloc` between tokenising and starting JAX (the CLI sets it).
+    """
+    # 1. Data (before JAX starts: see tune_host) ----------------------------------
     validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    seq_len, batch_size = config.train.seq_len, config.train.batch_size
+    tokenizer = hf.load_tokenizer(config.model.path)
+    data = data_lib.load(config, tokenizer, cache_dir=workdir / "data_cache" if config.data.cache else None)
+    train_set, eval_set = data.train, data.eval
+    order = getattr(train_set, "order", None)  # None for a stream, whose length is unknown
+    total_steps = config.train.steps or config.train.epochs * order.steps_per_epoch
+    if tune_host:
+        tune_malloc()
+
+    # 2. Setup and model ----------------------------------------------------------
+    if jax.process_count() > 1:
+        # The data side is ready (jaxft/data/batches.py: per-process slices, global arrays);
+        # the step is not yet sharded over a multi-host mesh.
+        raise ConfigError(f"This run has {jax.process_count()} processes; training on several hosts needs the "
+                          f"sharded step, which jaxft does not have yet. Run one process per job for now.")
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        _write_json(workdir / "data_report.json", data.report)
+        if data.label_names is not None:
+            _write_json(workdir / "labels.json", dict(labels=data.label_names,
+                                                      label_to_id={n: i for i, n in enumerate(data.label_names)}))
+    log.info("Data report (also in data_report.json): %s", json.dumps(data.report))
+    log.info("%d steps of %d rows x %d tokens (%s steps per epoch)", total_steps, batch_size, seq_len,
+             order.steps_per_epoch if order else "streaming: unknown")
 
-    tokenizer = hf.load_tokenizer(config.model.path)
     model = hf.load_pretrained(config.model.path, dtype=DTYPES[config.model.dtype],
                                param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed))
@@ -126,21 +153,6 @@ def run(config, workdir) -> dict:
              format_parameter_table(parameter_table(model, method.trainable)))
     graphdef, params, frozen = split_model(model, method.trainable)
     eval_graphdef = split_model(_without_dropout(model), method.trainable)[0]
-
-    # 2. Data -------------------------------------------------------------------
-    seq_len, batch_size = config.train.seq_len, config.train.batch_size
-    data = data_lib.load(config, tokenizer, cache_dir=workdir / "data_cache" if config.data.cache else None)
-    train_set, eval_set = data.train, data.eval
-    order = train_set.order
-    total_steps = config.train.steps or config.train.epochs * order.steps_per_epoch
-    if jax.process_index() == 0:
-        _write_json(workdir / "data_report.json", data.report)
-        if data.label_names is not None:
-            _write_json(workdir / "labels.json", dict(labels=data.label_names,
-                                                      label_to_id={n: i for i, n in enumerate(data.label_names)}))
-    log.info("Data report (also in data_report.json): %s", json.dumps(data.report))
-    log.info("%d steps of %d rows x %d tokens (%d steps per epoch)", total_steps, batch_size, seq_len,
-             order.steps_per_epoch)
 
     # 3. Optimizer and state ----------------------------------------------------------
     tx = build_optimizer(config.optim, total_steps)
@@ -158,9 +170,10 @@ def run(config, workdir) -> dict:
     if checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore(checkpoints.latest_step(), state, fingerprint)
         _check_data_position(meta, order, int(state["step"]), data_fingerprint)
-        log.info("Resumed from %s at step %d (epoch %d, batch %d of the epoch)", checkpoints.directory,
-                 int(state["step"]), *order.position(int(state["step"])).values())
+        log.info("Resumed from %s at step %d (data position %s)", checkpoints.directory, int(state["step"]),
+                 meta.get("data_position"))
     start_step = int(state["step"])
+    position = order.position(start_step) if order else None  # where the next batch is read
 
     # 5. Loop -------------------------------------------------------------------
     writer = MetricWriter(workdir)
@@ -171,8 +184,10 @@ def run(config, workdir) -> dict:
 
     def save(step):
         _check_finite(state)
-        checkpoints.save(step, state, dict(step=step, **order.position(step), rows_seen=step * batch_size,
+        checkpoints.save(step, state, dict(step=step, data_position=position, rows_seen=step * batch_size,
                                            data_fingerprint=data_fingerprint, fingerprint=fingerprint))
+        if jax.process_index() == 0 and order is None:  # a stream's report grows as it is read
+            _write_json(workdir / "data_report.json", dict(data.report, train=train_set.report()))
 
     if start_step == 0 and eval_set is not None:
         last = evaluate_now(state["params"])
@@ -180,9 +195,10 @@ def run(config, workdir) -> dict:
         log.info("step 0: %s", _fmt(last))
 
     window, window_tokens = [], 0
-    batches = data_lib.Prefetcher(train_set.batch, range(start_step, total_steps), config.data.prefetch)
+    part = data_lib.process_slice(batch_size, jax.process_index(), jax.process_count())
+    batches = data_lib.Prefetcher(train_set.batches(start_step, total_steps, part), config.data.prefetch)
     try:
-        for step, batch in batches:
+        for step, batch, position in batches:
             state, metrics = step_fn(state, frozen, batch)
             window.append(metrics)
             window_tokens += int(batch["attention_mask"].sum())
@@ -249,10 +265,11 @@ def _check_data_position(meta: dict, order, step: int, data_fingerprint: str) ->
         raise DataError("The training data (or its tokenisation, cleaning or packing settings) differ from the "
                         "run that wrote the checkpoint, so resuming cannot continue its batch order. Resume "
                         "with the same data and data.* settings, or use a new --workdir.")
-    if "epoch" in meta and (meta["epoch"], meta.get("batch_in_epoch")) != tuple(order.position(step).values()):
-        raise DataError(f"The checkpoint's data position (epoch {meta['epoch']}, batch {meta.get('batch_in_epoch')})"
-                        f" does not match step {step} under this train.batch_size; resume with the same "
-                        f"train.batch_size and seed, or use a new --workdir.")
+    saved_position = meta.get("data_position")
+    if order is not None and saved_position is not None and saved_position != order.position(step):
+        raise DataError(f"The checkpoint's data position {saved_position} does not match step {step} under this "
+                        f"train.batch_size ({order.position(step)}); resume with the same train.batch_size and "
+                        f"seed, or use a new --workdir.")
 
 
 def _write_json(path, obj) -> None:

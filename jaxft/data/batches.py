@@ -8,6 +8,7 @@ and `jax.make_array_from_process_local_data` joins the slices into one array
 sharded over the mesh's batch axis.
 """
 
+import functools
 import math
 import queue
 import threading
@@ -39,9 +40,12 @@ class TrainOrder:
 
     def indices(self, step: int) -> np.ndarray:
         pos = self.position(step)
-        perm = np.random.default_rng([self.seed, pos["epoch"]]).permutation(self.num_units)
         start = pos["batch_in_epoch"] * self.batch_size
-        return perm[start:start + self.batch_size]
+        return self._permutation(pos["epoch"])[start:start + self.batch_size]
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (the order lives as long as the run)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_units)
 
 
 def pad_batch(examples, indices, seq_len: int, pad_id: int, batch_size: int | None = None) -> dict:
@@ -98,7 +102,7 @@ def to_global(local_batch: dict, sharding: jax.sharding.NamedSharding, global_ro
 
 
 class Prefetcher:
-    """Builds the next `depth` batches in a background thread while the step runs.
+    """Runs an iterator of batches `depth` items ahead in a background thread while the step runs.
 
     `wait_seconds` is the time the consumer spent blocked on input: the step's
     input-wait, which the run reports as a fraction of wall time.
@@ -106,41 +110,48 @@ class Prefetcher:
 
     _DONE = object()
 
-    def __init__(self, make_batch, steps, depth: int = 2):
+    def __init__(self, items, depth: int = 2):
         self.wait_seconds = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(make_batch, steps), daemon=True)
+        self._thread = threading.Thread(target=self._fill, args=(items,), daemon=True)
         self._thread.start()
 
-    def _fill(self, make_batch, steps):
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, items):
         try:
-            for step in steps:
-                item = (step, make_batch(step))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+            for item in items:
+                if not self._put(item):
                     return
         except BaseException as e:  # handed to the consumer, raised there
-            self._queue.put((None, e))
+            self._put(_Failure(e))
             return
-        self._queue.put((None, self._DONE))
+        self._put(self._DONE)
 
     def __iter__(self):
         while True:
             start = time.perf_counter()
-            step, item = self._queue.get()
+            item = self._queue.get()
             self.wait_seconds += time.perf_counter() - start
             if item is self._DONE:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield step, item
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
 
     def close(self):
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error

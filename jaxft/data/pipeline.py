@@ -20,6 +20,7 @@ from jaxft.data.batches import TrainOrder, pad_batch
 from jaxft.data.encode import Encoder, Examples, encode_all
 from jaxft.data.formats import detect_format, label_name
 from jaxft.data.packing import fill_fraction, pack, packed_batch
+from jaxft.data.stream import StreamingTrainSet
 from jaxft.errors import DataError
 
 log = logging.getLogger("jaxft")
@@ -43,6 +44,14 @@ class TrainSet:
             return pad_batch(self.examples, units, self.seq_len, self.pad_id)
         return packed_batch(self.examples, [self.rows[u] for u in units], self.seq_len, self.pad_id, len(units))
 
+    def batches(self, start_step: int, stop_step: int, part: slice = slice(None)):
+        """(step, this process's rows of its batch, the position the next step reads) for steps [start, stop)."""
+        for step in range(start_step, stop_step):
+            yield step, self.batch(step, part), self.order.position(step + 1)
+
+    def report(self) -> dict:
+        return self.examples.report
+
     def fingerprint(self) -> str:
         """Identifies the encoded data and its packing: a resumed run must see the same."""
         h = hashlib.blake2b(digest_size=16)
@@ -63,6 +72,8 @@ class Data:
 def load(config, tokenizer, cache_dir=None) -> Data:
     """Train and eval sets as `config.data` says; `cache_dir` holds tokenised sets between runs."""
     cfg, seq_len = config.data, config.train.seq_len
+    if cfg.streaming:
+        return _load_streaming(config, tokenizer, cache_dir)
     train_source = sources.resolve(cfg.train)
     train_parts = sources.load(train_source, split=cfg.train_split, hub_config=cfg.hub_config,
                                streaming=False)
@@ -90,6 +101,20 @@ def load(config, tokenizer, cache_dir=None) -> Data:
     if label_names is not None:
         report["labels"] = label_names
     return Data(TrainSet(train, rows, order, seq_len, pad_token_id(tokenizer)), eval_set, label_names, report)
+
+
+def _load_streaming(config, tokenizer, cache_dir) -> Data:
+    """A training stream (read while training) and an in-memory eval set."""
+    cfg = config.data
+    train = StreamingTrainSet(config, tokenizer, pad_token_id(tokenizer))
+    eval_set = None
+    if cfg.eval:
+        eval_source = sources.resolve(cfg.eval)
+        eval_parts = sources.load(eval_source, split=cfg.eval_split, hub_config=cfg.hub_config, streaming=False)
+        eval_set = _encoded(eval_source, eval_parts, train.fmt, tokenizer, cfg, config.train.seq_len,
+                            train.label_names, cache_dir)
+    report = dict(train=train.report(), eval=eval_set.report if eval_set is not None else None)
+    return Data(train, eval_set, train.label_names, report)
 
 
 def _encoded(source, parts, fmt, tokenizer, cfg, seq_len, label_names, cache_dir) -> Examples:

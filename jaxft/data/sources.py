@@ -84,23 +84,24 @@ def _builder(path: str) -> str:
 def load(source: Source, *, split: str, hub_config: str | None, streaming: bool):
     """One `datasets.Dataset` (or `IterableDataset` when streaming) per file, in order.
 
-    Each carries `_file` (index into `source.files`) and `_row` (0-based row in that file).
+    Part i holds the rows of `source.files[i]` in file order, so a row's place in its
+    part is its row in the file (encode.row_batches counts them for error messages).
     """
     datasets.disable_progress_bars()  # one bar per file and split; the data report says what was read
     if source.kind == "hub":
-        return [_tag(_load_hub(source, split, hub_config, streaming), 0)]
+        return [_nonempty(_load_hub(source, split, hub_config, streaming), source.spec)]
     if source.kind == "disk":
         ds = datasets.load_from_disk(source.spec)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{source.spec} has splits {sorted(ds)}, not {split!r}.")
             ds = ds[split]
-        return [_tag(ds.to_iterable_dataset() if streaming else ds, 0)]
+        return [_nonempty(ds.to_iterable_dataset() if streaming else ds, source.spec)]
     parts = []
-    for i, path in enumerate(source.files):
+    for path in source.files:
         if os.path.getsize(path) == 0:
             raise DataError(f"Data file {path!r} is empty.")
-        parts.append(_tag(_load_file(source.kind, path, streaming), i))
+        parts.append(_nonempty(_load_file(source.kind, path, streaming), path))
     return parts
 
 
@@ -119,12 +120,10 @@ def _load_hub(source: Source, split: str, hub_config: str | None, streaming: boo
                         f"{type(e).__name__}: {_cause(e)}. Is the hub reachable, and the id spelt right?") from e
 
 
-def _tag(ds, file_index: int):
-    if isinstance(ds, datasets.IterableDataset):
-        return ds.map(lambda _, i: {"_file": file_index, "_row": i}, with_indices=True)
-    if len(ds) == 0:
-        raise DataError(f"Data source has no rows: {ds}.")
-    return ds.add_column("_file", [file_index] * len(ds)).add_column("_row", list(range(len(ds))))
+def _nonempty(ds, where: str):
+    if not isinstance(ds, datasets.IterableDataset) and len(ds) == 0:
+        raise DataError(f"Data source {where!r} has no rows.")
+    return ds
 
 
 def _cause(e: BaseException) -> str:
