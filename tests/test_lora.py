@@ -112,3 +112,45 @@ def test_dropout_draws_from_the_step_key_and_is_off_in_eval(llama_dir):
     apply_lora(no_dropout, LoRAConfig(rank=4), rngs=nnx.Rngs(0))
     _randomise_b(no_dropout)
     np.testing.assert_allclose(_logits(eval_model, ids, mask), _logits(no_dropout, ids, mask), atol=1e-6)
+
+
+def _randomise_dora(model, seed=2):
+    _randomise_b(model, seed)
+    key = jax.random.key(seed)
+    for i, m in enumerate(lora_modules(model).values()):
+        noise = jax.random.uniform(jax.random.fold_in(key, i), m.lora_magnitude.get_value().shape)
+        m.lora_magnitude.set_value(m.lora_magnitude.get_value() * (0.8 + 0.4 * noise))
+
+
+def test_dora_step0_is_the_base_and_magnitudes_train(llama_dir):
+    ids, mask, _ = padded_batch(128)
+    base = _logits(load_pretrained(llama_dir), ids, mask)
+    model = load_pretrained(llama_dir)
+    apply_lora(model, LoRAConfig(rank=4, use_dora=True), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(_logits(model, ids, mask), base)
+    rows = parameter_table(model, trainable_filter())
+    expected = sum(4 * (m.base_layer.in_features + m.base_layer.out_features) + m.base_layer.out_features
+                   for m in lora_modules(model).values())
+    assert sum(r["params"] for r in rows if r["trainable"]) == expected
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_and_unmerge_in_place(llama_dir, use_dora):
+    from jaxft.peft.lora import merge, unmerge
+    ids, mask, _ = padded_batch(128)
+    model = load_pretrained(llama_dir)
+    apply_lora(model, LoRAConfig(rank=4, use_dora=use_dora), rngs=nnx.Rngs(0))
+    (_randomise_dora if use_dora else _randomise_b)(model)
+    kernels = {n: np.asarray(m.base_layer.kernel.get_value()) for n, m in lora_modules(model).items()}
+    adapted = _logits(model, ids, mask)
+    merge(model)
+    np.testing.assert_allclose(_logits(model, ids, mask), adapted, atol=1e-4)
+    with pytest.raises(AdapterError, match="already merged"):
+        merge(model)
+    unmerge(model)
+    for name, m in lora_modules(model).items():
+        np.testing.assert_allclose(np.asarray(m.base_layer.kernel.get_value()), kernels[name], atol=1e-6)
+    np.testing.assert_allclose(_logits(model, ids, mask), adapted, atol=1e-5)
+    merge_lora(model)
+    assert not lora_modules(model)
+    np.testing.assert_allclose(_logits(model, ids, mask), adapted, atol=1e-4)

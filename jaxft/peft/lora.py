@@ -28,6 +28,7 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: str = "all-linear"  # "all-linear" | "q_proj,v_proj" | "re:<regex over module paths>"
     use_rslora: bool = False
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
 
     @property
     def scale(self) -> float:
@@ -51,9 +52,17 @@ def with_dropout_keys(state, key):
 
 
 class LoRALinear(nnx.Module):
-    """A `Linear` with a low-rank update: lora_a [in, r], lora_b [r, out], both float32."""
+    """A `Linear` with a low-rank update: lora_a [in, r], lora_b [r, out], both float32.
 
-    def __init__(self, base_layer: Linear, *, rank: int, scale: float, dropout: float, rngs: nnx.Rngs):
+    With `use_dora` (DoRA, Liu et al. 2024, as PEFT computes it) the adapted weight
+    W + s A B is also renormalised per output feature to a trained magnitude m,
+    initialised to the base weight's norms so step 0 is still the base model:
+    y = m / ||W + s A B|| * (x W + s x A B) + bias, the norm held constant in the
+    backward pass (the paper's section 4.3).
+    """
+
+    def __init__(self, base_layer: Linear, *, rank: int, scale: float, dropout: float, rngs: nnx.Rngs,
+                 use_dora: bool = False):
         # `rngs` only initialises A; dropout keys come from the training step.
         self.base_layer = base_layer
         self.scale = scale
@@ -62,24 +71,82 @@ class LoRALinear(nnx.Module):
         self.lora_a = nnx.Param(
             jax.random.uniform(rngs.params(), (base_layer.in_features, rank), jnp.float32, -bound, bound))
         self.lora_b = nnx.Param(jnp.zeros((rank, base_layer.out_features), jnp.float32))
+        self.lora_magnitude = nnx.Param(column_norms(base_kernel(base_layer))) if use_dora else None
         self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
         self.dropout_key = DropoutKey(jax.random.key(0)) if dropout > 0 else None
+        self.merged_gain = nnx.data(None)  # set while merged (see merge): what unmerge divides DoRA's weight by
 
     def __call__(self, x):
         y = self.base_layer(x)
+        if self.merged_gain is not None:  # the update is inside the base kernel
+            return y
         h = x if self.dropout is None else self.dropout(x, rngs=self.dropout_key.get_value())
         dtype = y.dtype
         # On 2-D rows: XLA's CPU backward of the skinny [.., in] @ [in, r] products is
         # ~1.7x slower with the batch and sequence axes kept apart (bench/README.md).
         rows = h.reshape(-1, h.shape[-1]).astype(dtype)
         update = (rows @ self.lora_a.get_value().astype(dtype)) @ self.lora_b.get_value().astype(dtype)
-        return y + (self.scale * update).astype(dtype).reshape(y.shape)
+        update = (self.scale * update).astype(dtype).reshape(y.shape)
+        if self.lora_magnitude is None:
+            return y + update
+        # PEFT's form: base(x) + (g - 1) * (h W) + g * s (h A B), with g = m / ||W + s A B||.
+        g = self.dora_gain().astype(dtype)
+        h_w = y if self.dropout is None else self.base_layer(h)
+        if self.base_layer.bias is not None:
+            h_w = h_w - self.base_layer.bias.get_value().astype(dtype)
+        return y + (g - 1) * h_w + g * update
+
+    def delta(self):
+        """s A B, float32 [in, out]."""
+        return self.scale * (self.lora_a.get_value() @ self.lora_b.get_value())
+
+    def dora_gain(self):
+        """m / ||W + s A B|| per output feature, the norm a constant for gradients (DoRA section 4.3)."""
+        norm = column_norms(base_kernel(self.base_layer).astype(jnp.float32) + self.delta())
+        return self.lora_magnitude.get_value() / jax.lax.stop_gradient(norm)
 
     def merged_kernel(self):
-        """W + s A B in the base kernel's dtype: what `merge` writes and merged export saves."""
+        """The adapted weight in the base kernel's dtype: W + s A B, or for DoRA g (W + s A B)."""
+        kernel = base_kernel(self.base_layer)
+        merged = kernel.astype(jnp.float32) + self.delta()
+        if self.lora_magnitude is not None:
+            merged = merged * self.dora_gain()[None, :]
+        return merged.astype(kernel.dtype)
+
+
+    def merge(self) -> None:
+        """Write the adapted weight into the base kernel; the forward pass then skips the update."""
+        if self.merged_gain is not None:
+            raise AdapterError("This LoRA layer is already merged; unmerge it first.")
+        gain = self.dora_gain() if self.lora_magnitude is not None else jnp.ones((self.base_layer.out_features,))
+        kernel = self.merged_kernel()
+        self.base_layer.kernel.set_value(kernel)
+        self.merged_gain = nnx.data(MergedGain(gain))
+
+    def unmerge(self) -> None:
+        """Restore the base kernel: W = W' / g - s A B (g = 1 for LoRA); exact up to rounding."""
+        if self.merged_gain is None:
+            raise AdapterError("This LoRA layer is not merged.")
         kernel = self.base_layer.kernel.get_value()
-        delta = self.scale * (self.lora_a.get_value() @ self.lora_b.get_value())
-        return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        restored = kernel.astype(jnp.float32) / self.merged_gain.get_value()[None, :] - self.delta()
+        self.base_layer.kernel.set_value(restored.astype(kernel.dtype))
+        self.merged_gain = nnx.data(None)
+
+
+class MergedGain(nnx.Variable):
+    """DoRA's per-feature gain at merge time (1 for LoRA): not trained, kept for unmerge."""
+
+
+def base_kernel(layer):
+    """The float kernel [in, out] of a Linear, or of a quantised one (dequantised)."""
+    if hasattr(layer, "dequantized_kernel"):
+        return layer.dequantized_kernel()
+    return layer.kernel.get_value()
+
+
+def column_norms(kernel):
+    """L2 norm of each output feature's weights: columns of an [in, out] kernel (rows of HF's [out, in])."""
+    return jnp.linalg.norm(kernel.astype(jnp.float32), axis=0)
 
 
 def linear_modules(model: nnx.Module) -> dict[str, Linear]:
@@ -124,7 +191,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
             raise AdapterError(f"peft.rank={config.rank} exceeds layer '{name}' "
                                f"({base.in_features} -> {base.out_features}); use a rank <= "
                                f"{min(base.in_features, base.out_features)}.")
-        wrapped = LoRALinear(base, rank=config.rank, scale=config.scale, dropout=config.dropout, rngs=rngs)
+        wrapped = LoRALinear(base, rank=config.rank, scale=config.scale, dropout=config.dropout, rngs=rngs,
+                             use_dora=config.use_dora)
         _set_module(model, name, wrapped)
     return chosen
 
@@ -146,14 +214,28 @@ def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
 
 
 def trainable_filter() -> TrainableFilter:
-    """LoRA trains its A and B matrices and nothing else."""
-    return TrainableFilter(((r".*\.lora_[ab]", True), (r".*", False)))
+    """LoRA trains its A and B matrices (and DoRA's magnitudes) and nothing else."""
+    return TrainableFilter(((r".*\.lora_(a|b|magnitude)", True), (r".*", False)))
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+    """Fold every LoRA/DoRA update into its base kernel in place, keeping the layers so `unmerge` can undo it."""
+    for module in lora_modules(model).values():
+        module.merge()
+    return model
+
+
+def unmerge(model: nnx.Module) -> nnx.Module:
+    """Undo `merge`: the base kernels as they were, the updates applied in the forward pass again."""
+    for module in lora_modules(model).values():
+        module.unmerge()
+    return model
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """Fold every adapter into its base kernel (W + s A B) and unwrap it, in place."""
+    """Fold every adapter into its base kernel and unwrap it, in place: a plain model for export."""
     for name, module in lora_modules(model).items():
-        base = module.base_layer
-        base.kernel.set_value(module.merged_kernel())
-        _set_module(model, name, base)
+        if module.merged_gain is None:
+            module.merge()
+        _set_module(model, name, module.base_layer)
     return model

@@ -2,7 +2,8 @@
 
 The format (PEFT's `save_pretrained` for LoRA): tensors named
 `base_model.model.<hf module path>.lora_A.weight` with shape [r, in] and
-`...lora_B.weight` with shape [out, r], torch layout; jaxft keeps A as [in, r]
+`...lora_B.weight` with shape [out, r], torch layout, and for DoRA
+`...lora_magnitude_vector` with shape [out]; jaxft keeps A as [in, r]
 and B as [r, out], so both are transposed. NNX module paths already read as HF
 module paths (the model mirrors HF names), so names map one to one.
 """
@@ -40,7 +41,7 @@ def lora_adapter_config(config: LoRAConfig, wrapped: list[str], base_model: str 
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": config.use_dora,
     }
 
 
@@ -52,6 +53,9 @@ def lora_tensors(model) -> dict[str, np.ndarray]:
         b = np.asarray(module.lora_b.get_value(), np.float32)
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        if module.lora_magnitude is not None:  # DoRA: one magnitude per output feature
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = np.asarray(module.lora_magnitude.get_value(),
+                                                                           np.float32)
     return tensors
 
 
