@@ -13,7 +13,7 @@ from ml_collections import config_dict
 
 from jaxft.errors import ConfigError
 
-PEFT_METHODS = ("lora", "full")
+PEFT_METHODS = ("lora", "partial", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("warmup_cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,6 +80,22 @@ def base_config() -> ml_collections.ConfigDict:
             # or a regex over module paths ("re:.*self_attn\.(q|v)_proj").
             targets="all-linear",
             use_rslora=False,  # scale alpha/sqrt(rank) instead of alpha/rank
+            use_dora=False,  # lora/qlora: DoRA, a trained magnitude per output feature
+            quant="nf4",  # qlora: the frozen base's storage, "nf4" (4-bit, block absmax) or "int8" (per channel)
+            quant_block_size=64,  # qlora nf4: weights per absmax scale
+            adapter_kind="houlsby",  # adapter: "houlsby" (after attention and MLP) or "pfeiffer" (after MLP)
+            adapter_size=64,  # adapter: bottleneck width
+            adapter_activation="relu",
+            num_virtual_tokens=20,  # prompt_tuning
+            prompt_init="random",  # prompt_tuning: "random" or "text" (embeddings of prompt_init_text)
+            prompt_init_text=config_dict.placeholder(str),
+            # partial: which pretrained weights train. Switches, or ';'-separated regexes over
+            # parameter paths (first match wins; a leading '!' freezes; the rest stays frozen).
+            train_top_blocks=0,
+            train_embeddings=False,
+            train_lm_head=False,
+            patterns=config_dict.placeholder(str),
+            unfreeze_every_steps=0,  # partial: gradual unfreezing, one more block from the top every K steps
         )
     )
 
@@ -219,6 +235,7 @@ def validate(config) -> None:
         raise ConfigError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1).")
     if not 0.0 <= config.peft.dropout < 1.0:
         raise ConfigError(f"peft.dropout={config.peft.dropout} must be in [0, 1).")
+    _validate_peft(config)
     if config.data.streaming and config.train.steps is None:
         raise ConfigError("data.streaming=True needs train.steps: a stream's length is unknown until it is read.")
     if config.data.streaming and config.data.eval_fraction:
@@ -227,3 +244,22 @@ def validate(config) -> None:
     if config.train.batch_size % config.optim.grad_accum_steps:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must divide by "
                           f"optim.grad_accum_steps={config.optim.grad_accum_steps}.")
+
+
+def _validate_peft(config) -> None:
+    _choice(config, "peft.quant", ("nf4", "int8"))
+    _choice(config, "peft.adapter_kind", ("houlsby", "pfeiffer"))
+    _choice(config, "peft.prompt_init", ("random", "text"))
+    for key in ("quant_block_size", "adapter_size", "num_virtual_tokens"):
+        _positive(config, f"peft.{key}")
+    for key in ("train_top_blocks", "unfreeze_every_steps"):
+        _positive(config, f"peft.{key}", allow_zero=True)
+    peft = config.peft
+    if peft.unfreeze_every_steps and not peft.train_top_blocks:
+        raise ConfigError("peft.unfreeze_every_steps unfreezes blocks from the top, one every K steps, up to "
+                          "peft.train_top_blocks; set peft.train_top_blocks (and not peft.patterns).")
+    if peft.prompt_init == "text" and not peft.prompt_init_text:
+        raise ConfigError("peft.prompt_init=text needs peft.prompt_init_text, the text whose embeddings start "
+                          "the virtual tokens.")
+    if peft.use_dora and peft.method not in ("lora", "qlora"):
+        raise ConfigError(f"peft.use_dora applies to lora and qlora, not peft.method={peft.method!r}.")

@@ -6,7 +6,10 @@ weights hold no optimizer state. Gradient accumulation happens inside the
 training step (micro-batches scanned in one compiled step), not here.
 """
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -35,8 +38,35 @@ def decay_mask(params):
     return jax.tree.map_with_path(decays, params)
 
 
-def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """The full update rule for `config.optim` over `total_steps` optimizer steps."""
+class HoldState(NamedTuple):
+    count: jax.Array
+
+
+def hold_until(start_steps) -> optax.GradientTransformation:
+    """Zero each parameter's update before its start step (`start_steps`: a tree of ints like the params).
+
+    Gradual unfreezing: placed before clipping (so a held gradient neither counts in
+    the norm nor feeds the moments) and after the optimizer (so weight decay does not
+    move a held weight either).
+    """
+    def init(params):
+        del params
+        return HoldState(jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        held = jax.tree.map(lambda u, start: jnp.where(state.count >= start, u, jnp.zeros_like(u)),
+                            updates, start_steps)
+        return held, HoldState(state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def build_optimizer(cfg, total_steps: int, start_steps=None) -> optax.GradientTransformation:
+    """The full update rule for `config.optim` over `total_steps` optimizer steps.
+
+    `start_steps` (a tree of ints like the params, or None) holds parameters still until their step.
+    """
     lr = learning_rate_schedule(cfg, total_steps)
     wd = cfg.weight_decay
     if cfg.name == "adamw":
@@ -55,4 +85,6 @@ def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
             # Decay added to the gradient (L2), as torch's weight_decay does for these optimizers.
             core = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), core)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    if start_steps is not None and any(s > 0 for s in jax.tree.leaves(start_steps)):
+        return optax.chain(hold_until(start_steps), *parts, core, hold_until(start_steps))
     return optax.chain(*parts, core)

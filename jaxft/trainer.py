@@ -14,6 +14,7 @@
 (trainable params, frozen rest, batch); `jax.jit` compiles them once.
 """
 
+import collections
 import functools
 import json
 import logging
@@ -155,7 +156,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     eval_graphdef = split_model(_without_dropout(model), method.trainable)[0]
 
     # 3. Optimizer and state ----------------------------------------------------------
-    tx = build_optimizer(config.optim, total_steps)
+    tx = build_optimizer(config.optim, total_steps, _start_steps(method, params))
     state = dict(step=jnp.int32(0), params=params, opt_state=tx.init(params), nonfinite_step=jnp.int32(-1))
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, tx=tx, schedule=learning_rate_schedule(config.optim, total_steps),
@@ -232,6 +233,18 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     if jax.process_index() == 0:
         export.export_run(model, method, tokenizer, config, workdir / "export")
     return last
+
+
+def _start_steps(method, params):
+    """Per-parameter start steps for gradual unfreezing (None when everything trains from step 0)."""
+    if method.start_step is None:
+        return None
+    name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")  # noqa: E731
+    steps = jax.tree.map_with_path(lambda path, _: method.start_step(name(path)), params)
+    counts = collections.Counter(jax.tree.leaves(steps))
+    log.info("Gradual unfreezing (step: tensors that start training): %s",
+             ", ".join(f"{step}: {n}" for step, n in sorted(counts.items())))
+    return steps
 
 
 def _without_dropout(model):

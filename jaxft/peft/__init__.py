@@ -2,9 +2,12 @@
 names what trains through a single `TrainableFilter` (DESIGN.md)."""
 
 import dataclasses
+import functools
+from typing import Callable
 
 from flax import nnx
 
+from jaxft.peft import partial
 from jaxft.peft.lora import LoRAConfig, apply_lora
 from jaxft.peft.lora import trainable_filter as lora_filter
 from jaxft.peft.select import TrainableFilter
@@ -12,17 +15,22 @@ from jaxft.peft.select import TrainableFilter
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """What `prepare` did to the model: the filter, and for LoRA its config and wrapped modules."""
+    """What `prepare` did to the model: the filter, and for LoRA its config and wrapped modules.
+
+    `start_step(name)` is the step a trainable parameter starts to train (gradual
+    unfreezing; None when everything trains from step 0).
+    """
 
     name: str
     trainable: TrainableFilter
     lora: LoRAConfig | None = None
     wrapped: tuple[str, ...] = ()
+    start_step: Callable[[str], int] | None = None
 
 
 def lora_config(peft_cfg) -> LoRAConfig:
     return LoRAConfig(rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), dropout=float(peft_cfg.dropout),
-                      targets=peft_cfg.targets, use_rslora=peft_cfg.use_rslora)
+                      targets=peft_cfg.targets, use_rslora=peft_cfg.use_rslora, use_dora=peft_cfg.use_dora)
 
 
 def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs) -> Method:
@@ -33,4 +41,9 @@ def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs) -> Method:
         return Method("lora", lora_filter(), cfg, tuple(wrapped))
     if peft_cfg.method == "full":
         return Method("full", TrainableFilter(((r".*", True),)))
+    if peft_cfg.method == "partial":
+        layers = model.config.num_layers
+        start = functools.partial(partial.unfreeze_step, cfg=peft_cfg, num_layers=layers)
+        return Method("partial", partial.partial_filter(peft_cfg, layers),
+                      start_step=start if peft_cfg.unfreeze_every_steps else None)
     raise AssertionError(f"unvalidated peft.method {peft_cfg.method!r}")
