@@ -47,3 +47,43 @@ def test_peft_loads_adapter_with_same_logits(tmp_path, model_type, lora):
     assert np.abs(ours[valid] - expected[valid]).max() <= 1e-4
     base_logits = torch_logits(load_torch_model(base_dir), ids, mask, positions)
     assert np.abs(base_logits[valid] - expected[valid]).max() > 1e-2  # the adapter really changed something
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapter_made_by_peft_loads_with_same_logits(tmp_path, use_dora):
+    # The reference adapter comes from the real library, not from jaxft's exporter.
+    import peft
+    import torch
+
+    from jaxft.peft.peft_format import load_lora_adapter
+    base_dir = save_tiny_model("qwen2", tmp_path / "base")
+    torch_model = peft.get_peft_model(load_torch_model(base_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], use_dora=use_dora))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.mul_(1.0).add_(0.1 * torch.randn_like(p))
+    torch_model.save_pretrained(str(tmp_path / "adapter"))
+    ids, mask, positions = padded_batch(128)
+    expected = torch_logits(torch_model.eval(), ids, mask, positions)
+
+    model = load_pretrained(base_dir)
+    config, wrapped = load_lora_adapter(model, tmp_path / "adapter")
+    assert config.use_dora == use_dora and len(wrapped) == 3 * 2  # three module kinds in two layers
+    ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)))
+    valid = mask.astype(bool)
+    assert np.abs(ours[valid] - expected[valid]).max() <= 1e-4
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    from jaxft.errors import AdapterError
+    from jaxft.peft.peft_format import load_lora_adapter
+    small = load_pretrained(save_tiny_model("llama", tmp_path / "small"))
+    wrapped = apply_lora(small, LoRAConfig(rank=4), rngs=nnx.Rngs(0))
+    save_lora_adapter(small, tmp_path / "adapter", LoRAConfig(rank=4), wrapped)
+    wider = load_pretrained(save_tiny_model("llama", tmp_path / "wide", hidden_size=48, intermediate_size=96))
+    with pytest.raises(AdapterError, match=r"does not fit this base model .*lora_A.weight: shape \[4, 32\]"):
+        load_lora_adapter(wider, tmp_path / "adapter")
+    with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
+        load_lora_adapter(wider, tmp_path)

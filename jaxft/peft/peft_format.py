@@ -11,10 +11,13 @@ module paths (the model mirrors HF names), so names map one to one.
 import json
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from flax import nnx
+from safetensors.numpy import load_file, save_file
 
-from jaxft.peft.lora import LoRAConfig, lora_modules
+from jaxft.errors import AdapterError
+from jaxft.peft.lora import LoRAConfig, apply_lora, linear_modules, lora_modules
 
 _PREFIX = "base_model.model."
 
@@ -67,3 +70,60 @@ def save_lora_adapter(model, directory, config: LoRAConfig, wrapped: list[str], 
     with (directory / "adapter_config.json").open("w") as f:
         json.dump(lora_adapter_config(config, wrapped, base_model), f, indent=2)
     return directory
+
+
+def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
+    """Apply the PEFT LoRA/DoRA adapter in `directory` to `model` in place; AdapterError if it does not fit.
+
+    Reads what `PeftModel.save_pretrained` writes (and `save_lora_adapter`): the config's
+    rank, alpha, rsLoRA/DoRA switches and target modules, then every tensor, checked
+    against the base's module names and shapes before any is set.
+    """
+    directory = pathlib.Path(directory)
+    config_path, tensors_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not config_path.is_file() or not tensors_path.is_file():
+        raise AdapterError(f"{directory} is not a PEFT adapter directory (it needs adapter_config.json and "
+                           f"adapter_model.safetensors).")
+    saved = json.loads(config_path.read_text())
+    if saved.get("peft_type") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type {saved.get('peft_type')!r}; only LORA adapters load here.")
+    if saved.get("rank_pattern") or saved.get("alpha_pattern"):
+        raise AdapterError(f"{config_path}: per-module ranks or alphas (rank_pattern/alpha_pattern) are not "
+                           f"supported; jaxft adapters have one rank and alpha.")
+    raw = saved["target_modules"]  # PEFT: a list of module names, a regex, or "all-linear"
+    targets = ",".join(raw) if isinstance(raw, list) else raw if raw == "all-linear" else f"re:{raw}"
+    config = LoRAConfig(rank=int(saved["r"]), alpha=float(saved["lora_alpha"]), targets=targets,
+                        use_rslora=bool(saved.get("use_rslora")), use_dora=bool(saved.get("use_dora")))
+    tensors = load_file(str(tensors_path))
+    _check_fits(model, tensors, directory)
+    wrapped = apply_lora(model, config, rngs=nnx.Rngs(0))
+    modules = lora_modules(model)
+    for name, module in modules.items():
+        prefix = f"{_PREFIX}{name}"
+        module.lora_a.set_value(jnp.asarray(tensors[f"{prefix}.lora_A.weight"].T))
+        module.lora_b.set_value(jnp.asarray(tensors[f"{prefix}.lora_B.weight"].T))
+        if module.lora_magnitude is not None:
+            module.lora_magnitude.set_value(jnp.asarray(tensors[f"{prefix}.lora_magnitude_vector"]))
+    return config, wrapped
+
+
+def _check_fits(model, tensors: dict, directory) -> None:
+    """Every adapter tensor names a linear module of this base, with the base's in/out sizes."""
+    linears = linear_modules(model)
+    problems = []
+    for key, value in tensors.items():
+        module, _, kind = key.removeprefix(_PREFIX).partition(".lora_")
+        if module not in linears:
+            problems.append(f"{key}: the base has no linear module '{module}'")
+            continue
+        base = linears[module]
+        expected = {"A.weight": (None, base.in_features), "B.weight": (base.out_features, None),
+                    "magnitude_vector": (base.out_features,)}.get(kind)
+        if expected is None or len(expected) != value.ndim or any(
+                e is not None and e != s for e, s in zip(expected, value.shape)):
+            problems.append(f"{key}: shape {list(value.shape)} does not fit '{module}' "
+                            f"({base.in_features} -> {base.out_features})")
+    if problems:
+        raise AdapterError(f"The adapter in {directory} does not fit this base model (written for another "
+                           f"one?): " + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if
+                                                                    len(problems) > 5 else ""))
