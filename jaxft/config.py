@@ -13,7 +13,7 @@ from ml_collections import config_dict
 
 from jaxft.errors import ConfigError
 
-PEFT_METHODS = ("lora", "partial", "full")
+PEFT_METHODS = ("lora", "prompt_tuning", "partial", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("warmup_cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -261,5 +261,8 @@ def _validate_peft(config) -> None:
     if peft.prompt_init == "text" and not peft.prompt_init_text:
         raise ConfigError("peft.prompt_init=text needs peft.prompt_init_text, the text whose embeddings start "
                           "the virtual tokens.")
+    if config.export.merged and peft.method not in ("lora", "qlora"):
+        raise ConfigError(f"export.merged folds a LoRA update into the base weights; peft.method={peft.method!r} "
+                          f"has nothing to merge (full, partial and bitfit runs export the whole model anyway).")
     if peft.use_dora and peft.method not in ("lora", "qlora"):
         raise ConfigError(f"peft.use_dora applies to lora and qlora, not peft.method={peft.method!r}.")

@@ -1,6 +1,7 @@
 """What a finished run leaves for other tools, under `<workdir>/export/`.
 
-`adapter/`: a LoRA adapter in PEFT format (peft, vLLM and transformers load it).
+`adapter/`: a LoRA/DoRA adapter or a tuned prompt in PEFT format (peft, vLLM and
+transformers load LoRA; peft loads both).
 `model/`: a full Hugging Face checkpoint: the fully fine-tuned model, or a LoRA
 run's adapter merged into its base when `export.merged` is set.
 """
@@ -15,6 +16,7 @@ from safetensors.numpy import save_file
 from jaxft.models import hf
 from jaxft.peft.lora import merge_lora
 from jaxft.peft.peft_format import save_lora_adapter
+from jaxft.peft.prompt import save_prompt_adapter
 
 log = logging.getLogger("jaxft")
 
@@ -30,7 +32,13 @@ def export_run(model, method, tokenizer, config, directory) -> None:
         if config.export.merged:
             path = save_hf_model(merge_lora(nnx.clone(model)), directory / "model", config.model.path, tokenizer)
             log.info("Exported the merged model (HF format) to %s", path)
-    elif method.name == "full":
+    elif method.name == "prompt_tuning":
+        if config.export.adapter:
+            path = save_prompt_adapter(model, directory / "adapter", base_model=config.model.path,
+                                       init_text=config.peft.prompt_init_text if config.peft.prompt_init == "text"
+                                       else None)
+            log.info("Exported the prompt (PEFT prompt-tuning format) to %s", path)
+    elif method.name in ("full", "partial", "bitfit"):  # base weights trained: the whole model
         path = save_hf_model(model, directory / "model", config.model.path, tokenizer)
         log.info("Exported the fine-tuned model (HF format) to %s", path)
 

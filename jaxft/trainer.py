@@ -149,7 +149,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
 
     model = hf.load_pretrained(config.model.path, dtype=DTYPES[config.model.dtype],
                                param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
-    method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed))
+    method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
     log.info("Trainable parameters (%s):\n%s", method.name,
              format_parameter_table(parameter_table(model, method.trainable)))
     graphdef, params, frozen = split_model(model, method.trainable)

@@ -14,6 +14,7 @@ like its HF name (`model.layers[0].self_attn.q_proj.kernel` <->
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -295,6 +296,9 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = _dense(
                 config, config.hidden_size, config.vocab_size, False, ("embed", "vocab"), rngs
             )
+        # Prompt tuning (jaxft/peft/prompt.py) sets this to a module holding the virtual
+        # token embeddings. Declared as data so a module can be assigned to it later.
+        self.prompt_encoder = nnx.data(None)
 
     def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None):
         """Logits for `input_ids` `[B, T]`.
@@ -304,23 +308,28 @@ class LlamaForCausalLM(nnx.Module):
             packed rows should pass their own (packing: restart at each segment).
         segment_ids: `[B, T]` ints for packed rows; a token attends only to
             earlier tokens of its own segment; 0 marks padding.
+
+        With `prompt_encoder` set, its virtual tokens precede every row and every
+        segment; the logits still cover the T input positions only.
         """
         cfg = self.config
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.model.embed_tokens(input_ids)
+        mask_for = functools.partial(make_attention_mask, attention_mask, segment_ids, b, t)
+        if self.prompt_encoder is not None:
+            # Prompt tuning puts virtual tokens in front: a longer x, shifted positions, and
+            # a mask that lets every token see them. Their outputs are dropped below.
+            x, positions, mask_for = self.prompt_encoder(x, attention_mask, positions, segment_ids)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
         # One mask per distinct window (usually one), shared by the layers.
-        masks = {
-            w: make_attention_mask(attention_mask, segment_ids, b, t, w)
-            for w in {cfg.layer_window(i) for i in range(cfg.num_layers)}
-        }
+        masks = {w: mask_for(w) for w in {cfg.layer_window(i) for i in range(cfg.num_layers)}}
         run = _run_layer_remat if cfg.remat else _run_layer
-        x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = run(layer, x, cos, sin, masks[cfg.layer_window(i)])
-        x = self.model.norm(x)
+        x = self.model.norm(x[:, -t:])  # logits for the T input positions only
         if self.lm_head is None:
             logits = self.model.embed_tokens.attend(x)
         else:

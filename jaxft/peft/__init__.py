@@ -7,7 +7,7 @@ from typing import Callable
 
 from flax import nnx
 
-from jaxft.peft import partial
+from jaxft.peft import partial, prompt
 from jaxft.peft.lora import LoRAConfig, apply_lora
 from jaxft.peft.lora import trainable_filter as lora_filter
 from jaxft.peft.select import TrainableFilter
@@ -33,14 +33,21 @@ def lora_config(peft_cfg) -> LoRAConfig:
                       targets=peft_cfg.targets, use_rslora=peft_cfg.use_rslora, use_dora=peft_cfg.use_dora)
 
 
-def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs) -> Method:
-    """Apply `config.peft` to `model` in place and return what trains."""
+def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> Method:
+    """Apply `config.peft` to `model` in place and return what trains.
+
+    `tokenizer` is needed only to initialise prompt tuning from text.
+    """
     if peft_cfg.method == "lora":
         cfg = lora_config(peft_cfg)
         wrapped = apply_lora(model, cfg, rngs=rngs)
         return Method("lora", lora_filter(), cfg, tuple(wrapped))
     if peft_cfg.method == "full":
         return Method("full", TrainableFilter(((r".*", True),)))
+    if peft_cfg.method == "prompt_tuning":
+        prompt.apply_prompt_tuning(model, peft_cfg.num_virtual_tokens, init=peft_cfg.prompt_init,
+                                   init_text=peft_cfg.prompt_init_text, tokenizer=tokenizer, rngs=rngs)
+        return Method("prompt_tuning", prompt.trainable_filter())
     if peft_cfg.method == "partial":
         layers = model.config.num_layers
         start = functools.partial(partial.unfreeze_step, cfg=peft_cfg, num_layers=layers)
