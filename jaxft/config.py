@@ -13,7 +13,7 @@ from ml_collections import config_dict
 
 from jaxft.errors import ConfigError
 
-PEFT_METHODS = ("lora", "prompt_tuning", "partial", "full")
+PEFT_METHODS = ("lora", "adapter", "prompt_tuning", "bitfit", "partial", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("warmup_cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -250,6 +250,7 @@ def _validate_peft(config) -> None:
     _choice(config, "peft.quant", ("nf4", "int8"))
     _choice(config, "peft.adapter_kind", ("houlsby", "pfeiffer"))
     _choice(config, "peft.prompt_init", ("random", "text"))
+    _choice(config, "peft.adapter_activation", ("relu", "gelu", "silu", "tanh"))
     for key in ("quant_block_size", "adapter_size", "num_virtual_tokens"):
         _positive(config, f"peft.{key}")
     for key in ("train_top_blocks", "unfreeze_every_steps"):

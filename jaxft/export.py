@@ -14,6 +14,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxft.models import hf
+from jaxft.peft.adapters import save_adapters
 from jaxft.peft.lora import merge_lora
 from jaxft.peft.peft_format import save_lora_adapter
 from jaxft.peft.prompt import save_prompt_adapter
@@ -32,6 +33,12 @@ def export_run(model, method, tokenizer, config, directory) -> None:
         if config.export.merged:
             path = save_hf_model(merge_lora(nnx.clone(model)), directory / "model", config.model.path, tokenizer)
             log.info("Exported the merged model (HF format) to %s", path)
+    elif method.name == "adapter":
+        if config.export.adapter:
+            path = save_adapters(model, directory / "adapter", kind=config.peft.adapter_kind,
+                                 bottleneck=config.peft.adapter_size, activation=config.peft.adapter_activation,
+                                 base_model=config.model.path)
+            log.info("Exported the bottleneck adapters (jaxft format; PEFT has none) to %s", path)
     elif method.name == "prompt_tuning":
         if config.export.adapter:
             path = save_prompt_adapter(model, directory / "adapter", base_model=config.model.path,

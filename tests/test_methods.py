@@ -34,6 +34,10 @@ METHODS = {
     "lora": ({"method": "lora", "rank": 4}, lora_count(4)),
     "dora": ({"method": "lora", "rank": 4, "use_dora": True}, lora_count(4, dora=True)),
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 6}, 6 * HIDDEN),
+    "houlsby": ({"method": "adapter", "adapter_kind": "houlsby", "adapter_size": 16},
+                LAYERS * 2 * (2 * HIDDEN * 16 + 16 + HIDDEN)),
+    "pfeiffer": ({"method": "adapter", "adapter_kind": "pfeiffer", "adapter_size": 16},
+                 LAYERS * (2 * HIDDEN * 16 + 16 + HIDDEN)),
     "partial": ({"method": "partial", "train_top_blocks": 1},
                 HIDDEN * (2 * HIDDEN + 2 * KV) + 3 * HIDDEN * FFN + 2 * HIDDEN + HIDDEN),
     "full": ({"method": "full"}, VOCAB * HIDDEN + LAYERS * (HIDDEN * (2 * HIDDEN + 2 * KV) + 3 * HIDDEN * FFN
@@ -93,3 +97,19 @@ def test_partial_run_exports_the_whole_model_with_frozen_blocks_unchanged(tmp_pa
             assert not np.array_equal(exported[name], value), name
         else:
             np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+def test_adapter_run_exports_its_tensors(tmp_path):
+    from safetensors.numpy import load_file
+    trainer.run(small_config(**{"peft.method": "adapter", "peft.adapter_kind": "pfeiffer", "peft.adapter_size": 8,
+                                "train.steps": 2, "optim.warmup_steps": 0}), tmp_path)
+    saved = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "export" / "adapter" / "adapter_model.safetensors"))
+    assert saved["kind"] == "pfeiffer" and len(saved["modules"]) == LAYERS and len(tensors) == 4 * LAYERS
+    assert any(np.abs(v).max() > 0 for k, v in tensors.items() if k.endswith("up_kernel"))
+
+
+def test_bitfit_on_a_model_without_biases_is_refused_before_training(tmp_path):
+    from jaxft.errors import AdapterError
+    with pytest.raises(AdapterError, match="BitFit trains biases; this model .* has none"):
+        trainer.run(small_config(**{"peft.method": "bitfit"}), tmp_path)

@@ -7,7 +7,7 @@ from typing import Callable
 
 from flax import nnx
 
-from jaxft.peft import partial, prompt
+from jaxft.peft import adapters, bitfit, partial, prompt
 from jaxft.peft.lora import LoRAConfig, apply_lora
 from jaxft.peft.lora import trainable_filter as lora_filter
 from jaxft.peft.select import TrainableFilter
@@ -44,6 +44,12 @@ def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> M
         return Method("lora", lora_filter(), cfg, tuple(wrapped))
     if peft_cfg.method == "full":
         return Method("full", TrainableFilter(((r".*", True),)))
+    if peft_cfg.method == "adapter":
+        wrapped = adapters.apply_adapters(model, peft_cfg.adapter_kind, peft_cfg.adapter_size,
+                                          peft_cfg.adapter_activation, rngs=rngs)
+        return Method("adapter", adapters.trainable_filter(), wrapped=tuple(wrapped))
+    if peft_cfg.method == "bitfit":
+        return Method("bitfit", bitfit.bitfit_filter(model))
     if peft_cfg.method == "prompt_tuning":
         prompt.apply_prompt_tuning(model, peft_cfg.num_virtual_tokens, init=peft_cfg.prompt_init,
                                    init_text=peft_cfg.prompt_init_text, tokenizer=tokenizer, rngs=rngs)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxft.errors import AdapterError
 from jaxft.models.layers import Linear
-from jaxft.peft.select import TrainableFilter, path_str
+from jaxft.peft.select import TrainableFilter, path_str, set_module
 
 # Module names never adapted by "all-linear", as in PEFT: the output head.
 _OUTPUT_LAYERS = ("lm_head",)
@@ -193,19 +193,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
                                f"{min(base.in_features, base.out_features)}.")
         wrapped = LoRALinear(base, rank=config.rank, scale=config.scale, dropout=config.dropout, rngs=rngs,
                              use_dora=config.use_dora)
-        _set_module(model, name, wrapped)
+        set_module(model, name, wrapped)
     return chosen
-
-
-def _set_module(model, dotted: str, new):
-    *parents, last = dotted.split(".")
-    node = model
-    for p in parents:
-        node = node[int(p)] if p.isdigit() else getattr(node, p)
-    if last.isdigit():
-        node[int(last)] = new
-    else:
-        setattr(node, last, new)
 
 
 def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
@@ -237,5 +226,5 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     for name, module in lora_modules(model).items():
         if module.merged_gain is None:
             module.merge()
-        _set_module(model, name, module.base_layer)
+        set_module(model, name, module.base_layer)
     return model

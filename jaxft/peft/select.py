@@ -21,6 +21,18 @@ def path_str(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def set_module(model, dotted: str, new) -> None:
+    """Replace the submodule at a dotted path ('model.layers.0.mlp.down_proj') with `new`, in place."""
+    *parents, last = dotted.split(".")
+    node = model
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else getattr(node, p)
+    if last.isdigit():
+        node[int(last)] = new
+    else:
+        setattr(node, last, new)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainableFilter:
     """Ordered `(regex, trainable)` rules, matched with `re.fullmatch` against dotted parameter paths."""

@@ -1,0 +1,156 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020): small trained MLPs inside a frozen model.
+
+An adapter maps a sublayer's output h to h + up(act(down(h))), with down [hidden, bottleneck] and
+up [bottleneck, hidden]. Houlsby puts one after the attention sublayer and one after the MLP sublayer
+of every block, before the residual add; Pfeiffer keeps only the one after the MLP, half the parameters
+for about the same quality (Pfeiffer et al. 2020, section 2).
+
+`apply_adapters` wraps the last projection of each sublayer (`self_attn.o_proj`, `mlp.down_proj`) in an
+`AdaptedOutput`, as LoRA wraps its targets, so the model code never knows about adapters: a sublayer's
+output *is* its last projection's output, so adapting that output is adapting the sublayer.
+
+The up projection starts at zero (weights and bias), so every adapter is exactly the identity at step 0
+and the adapted model's logits equal the base model's bitwise. Houlsby's "near-identity" init draws both
+projections with a small std; zeroing the up one makes step 0 exact and still lets training start, since
+the up projection's gradient act(down(h)) is non-zero while the down one is random.
+
+Adapters are non-linear, so unlike LoRA they cannot be merged into the base weights.
+"""
+
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from jaxft.errors import AdapterError, ConfigError
+from jaxft.peft.select import TrainableFilter, path_str, set_module
+
+# The module each kind adapts, as a path suffix (regex) inside a decoder block.
+_ATTENTION_OUT = r"self_attn\.o_proj"
+_MLP_OUT = r"mlp\.down_proj"
+KINDS = {"houlsby": (_ATTENTION_OUT, _MLP_OUT), "pfeiffer": (_MLP_OUT,)}
+
+# GELU is the exact (erf) form, as torch's nn.GELU() and AdapterHub's "gelu" compute it.
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+# Houlsby et al. draw adapter weights with std 1e-2 ("near-identity initialisation").
+_DOWN_INIT_STD = 1e-2
+
+
+class BottleneckAdapter(nnx.Module):
+    """h + up(act(down(h))): parameters float32, computed in h's dtype.
+
+    down_kernel [hidden, bottleneck] random with a small std, up_kernel [bottleneck, hidden] and both
+    biases zero, so the adapter is exactly the identity until the up projection trains.
+    """
+
+    def __init__(self, hidden: int, bottleneck: int, *, activation: str = "relu", rngs: nnx.Rngs):
+        _check_activation(activation)
+        self.activation = activation
+        init = _DOWN_INIT_STD * jax.random.normal(rngs.params(), (hidden, bottleneck), jnp.float32)
+        self.down_kernel = nnx.Param(init, logical_axes=("embed", None))
+        self.down_bias = nnx.Param(jnp.zeros((bottleneck,), jnp.float32), logical_axes=(None,))
+        self.up_kernel = nnx.Param(jnp.zeros((bottleneck, hidden), jnp.float32), logical_axes=(None, "embed"))
+        self.up_bias = nnx.Param(jnp.zeros((hidden,), jnp.float32), logical_axes=("embed",))
+
+    def __call__(self, h):
+        dtype = h.dtype
+        z = h @ self.down_kernel[...].astype(dtype) + self.down_bias[...].astype(dtype)
+        z = ACTIVATIONS[self.activation](z)
+        return h + (z @ self.up_kernel[...].astype(dtype) + self.up_bias[...].astype(dtype))
+
+
+class AdaptedOutput(nnx.Module):
+    """A projection whose output goes through a bottleneck adapter: y = adapter(base_layer(x))."""
+
+    def __init__(self, base_layer: nnx.Module, *, hidden: int, bottleneck: int, activation: str, rngs: nnx.Rngs):
+        self.base_layer = base_layer
+        self.adapter = BottleneckAdapter(hidden, bottleneck, activation=activation, rngs=rngs)
+
+    def __call__(self, x):
+        return self.adapter(self.base_layer(x))
+
+
+def apply_adapters(model: nnx.Module, kind: str = "houlsby", bottleneck: int = 64, activation: str = "relu", *,
+                   rngs: nnx.Rngs) -> list[str]:
+    """Wrap each block's attention and/or MLP output projection in an adapter, in place.
+
+    `kind` "houlsby": after attention and after the MLP in every block; "pfeiffer": after the MLP only.
+    Returns the wrapped module paths ('model.layers.0.self_attn.o_proj', ...). Everything is checked
+    before the model is touched, so an error leaves it as it was.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"peft.adapter_kind={kind!r} is not an adapter kind; valid: {', '.join(KINDS)}.")
+    _check_activation(activation)
+    hidden = model.config.hidden_size
+    if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or not 1 <= bottleneck <= hidden:
+        raise AdapterError(f"peft.adapter_size={bottleneck!r} must be an integer from 1 to the model's hidden size "
+                           f"({hidden}); an adapter narrows the hidden state, it does not widen it.")
+    if adapter_modules(model):
+        raise AdapterError("This model already has adapters; apply_adapters adds them to a plain model only.")
+    suffix = "|".join(KINDS[kind])
+    chosen = [(name, module) for name, module in _named_modules(model) if _is_target(name, suffix)]
+    if not chosen:
+        raise AdapterError(f"{kind} adapters go after {' and '.join(KINDS[kind])} in each decoder block; "
+                           f"this model has no such module.")
+    for name, module in chosen:
+        wrapped = AdaptedOutput(module, hidden=hidden, bottleneck=bottleneck, activation=activation, rngs=rngs)
+        set_module(model, name, wrapped)
+    return [name for name, _ in chosen]
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"peft.adapter_activation={activation!r} is not supported; "
+                          f"valid: {', '.join(ACTIVATIONS)}.")
+
+
+def _named_modules(model):
+    # Listed before any wrapping: the graph must not change while NNX walks it.
+    return [(path_str(path), m) for path, m in nnx.iter_modules(model)]
+
+
+def _is_target(name: str, suffix: str) -> bool:
+    return re.fullmatch(rf"model\.layers\.\d+\.({suffix})", name) is not None
+
+
+def adapter_modules(model: nnx.Module) -> dict[str, AdaptedOutput]:
+    """Every `AdaptedOutput` by dotted path ('model.layers.0.mlp.down_proj')."""
+    return {path_str(path): m for path, m in nnx.iter_modules(model) if isinstance(m, AdaptedOutput)}
+
+
+def trainable_filter() -> TrainableFilter:
+    """Adapters train their own projections and nothing else; the base model stays frozen."""
+    return TrainableFilter(((r".*\.adapter\.(down|up)_(kernel|bias)", True), (r".*", False)))
+
+
+def save_adapters(model: nnx.Module, directory, *, kind: str, bottleneck: int, activation: str,
+                  base_model: str | None = None) -> pathlib.Path:
+    """Write the adapters as `adapter_model.safetensors` + `adapter_config.json` under `directory`.
+
+    PEFT has no bottleneck adapters, so the format is jaxft's own, in PEFT's file layout:
+    tensors named `<module path>.adapter.<down|up>_<kernel|bias>` in jaxft's [in, out]
+    layout, float32, and a config naming the kind, size, activation and modules.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, module in adapter_modules(model).items():
+        for part in ("down_kernel", "down_bias", "up_kernel", "up_bias"):
+            tensors[f"{name}.adapter.{part}"] = np.asarray(getattr(module.adapter, part)[...], np.float32)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "jaxft"})
+    config = dict(adapter_type="BOTTLENECK", library="jaxft", kind=kind, bottleneck=bottleneck,
+                  activation=activation, base_model_name_or_path=base_model,
+                  modules=sorted(adapter_modules(model)))
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
