@@ -381,6 +381,31 @@ def test_remat_gives_same_loss_and_grads_under_jit():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, grads_r)
 
 
+def test_remat_in_the_training_step_pattern():
+    # trainer.train_step differentiates a model merged from traced parameters (nnx.split/merge
+    # inside jax.value_and_grad); nnx.remat failed there with a TraceContextError.
+    ids, mask, positions = (jnp.asarray(x) for x in padded_batch(64, length=8))
+    cfg = _tiny_config()
+
+    def grads_of(model):
+        from jaxft.peft.lora import LoRAConfig, apply_lora, trainable_filter
+        apply_lora(model, LoRAConfig(rank=2), rngs=nnx.Rngs(1))  # traced LoRA Params beside constant frozen ones
+        graphdef, params, rest = nnx.split(model, trainable_filter(), ...)
+
+        @jax.jit
+        def step(params):
+            def loss(params):
+                logits = nnx.merge(graphdef, params, rest)(ids, attention_mask=mask, positions=positions)
+                return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+            return jax.value_and_grad(loss)(params)
+        return step(params)
+
+    loss, grads = grads_of(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    loss_r, grads_r = grads_of(LlamaForCausalLM(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0)))
+    np.testing.assert_allclose(loss, loss_r, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, grads_r)
+
+
 def test_projections_are_replaceable_modules():
     """LoRA swaps `q_proj` & co. for wrappers; the model must only call them."""
     model = LlamaForCausalLM(_tiny_config(), rngs=nnx.Rngs(0))

@@ -270,9 +270,21 @@ def _run_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
     return layer(x, cos, sin, mask)
 
 
-# Under remat the layer's activations are recomputed in the backward pass
-# instead of stored: memory for one layer instead of all of them.
-_run_layer_remat = nnx.remat(_run_layer)
+def _run_layer_remat(layer: LlamaDecoderLayer, x, cos, sin, mask):
+    """The layer with its activations recomputed in the backward pass instead of stored:
+    memory for one layer instead of all of them.
+
+    `jax.checkpoint` on a pure function of the layer's state, not `nnx.remat`: the
+    training step differentiates a model merged from traced parameters, and
+    nnx.remat's state propagation refuses to write Params of another trace level
+    (flax TraceContextError). A forward pass changes no state, so nothing is lost.
+    """
+    graphdef, state = nnx.split(layer)
+
+    def pure(state, x, cos, sin, mask):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask)
+
+    return jax.checkpoint(pure)(state, x, cos, sin, mask)
 
 
 class LlamaModel(nnx.Module):
