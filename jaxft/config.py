@@ -13,7 +13,7 @@ from ml_collections import config_dict
 
 from jaxft.errors import ConfigError
 
-PEFT_METHODS = ("lora", "adapter", "prompt_tuning", "bitfit", "partial", "full")
+PEFT_METHODS = ("lora", "qlora", "adapter", "prompt_tuning", "bitfit", "partial", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("warmup_cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -25,7 +25,7 @@ log = logging.getLogger("jaxft")
 def export_run(model, method, tokenizer, config, directory) -> None:
     """Write the exports `config.export` asks for; logs each path."""
     directory = pathlib.Path(directory)
-    if method.name == "lora":
+    if method.name in ("lora", "qlora"):
         if config.export.adapter:
             path = save_lora_adapter(model, directory / "adapter", method.lora, list(method.wrapped),
                                      base_model=config.model.path)

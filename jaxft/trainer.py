@@ -36,6 +36,7 @@ from jaxft.losses import token_cross_entropy
 from jaxft.metrics import MetricWriter, Progress, Throughput
 from jaxft.models import hf
 from jaxft.optim import build_optimizer, learning_rate_schedule
+from jaxft.peft import quant
 from jaxft.peft.lora import with_dropout_keys
 from jaxft.peft.select import format_parameter_table, parameter_table, split_model
 
@@ -152,6 +153,10 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
     log.info("Trainable parameters (%s):\n%s", method.name,
              format_parameter_table(parameter_table(model, method.trainable)))
+    if method.name == "qlora":
+        sizes = quant.weight_bytes(model)
+        log.info("Quantised base (%s): %d layers, %s bytes vs %s in bfloat16 (%.3fx)", config.peft.quant,
+                 sizes["layers"], f"{sizes['quantized_bytes']:,}", f"{sizes['bf16_bytes']:,}", sizes["ratio"])
     graphdef, params, frozen = split_model(model, method.trainable)
     eval_graphdef = split_model(_without_dropout(model), method.trainable)[0]
 

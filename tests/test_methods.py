@@ -33,6 +33,8 @@ def lora_count(rank, dora=False):
 METHODS = {
     "lora": ({"method": "lora", "rank": 4}, lora_count(4)),
     "dora": ({"method": "lora", "rank": 4, "use_dora": True}, lora_count(4, dora=True)),
+    "qlora_nf4": ({"method": "qlora", "rank": 4, "quant": "nf4"}, lora_count(4)),
+    "qlora_int8_dora": ({"method": "qlora", "rank": 4, "quant": "int8", "use_dora": True}, lora_count(4, dora=True)),
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 6}, 6 * HIDDEN),
     "houlsby": ({"method": "adapter", "adapter_kind": "houlsby", "adapter_size": 16},
                 LAYERS * 2 * (2 * HIDDEN * 16 + 16 + HIDDEN)),
@@ -113,3 +115,18 @@ def test_bitfit_on_a_model_without_biases_is_refused_before_training(tmp_path):
     from jaxft.errors import AdapterError
     with pytest.raises(AdapterError, match="BitFit trains biases; this model .* has none"):
         trainer.run(small_config(**{"peft.method": "bitfit"}), tmp_path)
+
+
+def test_qlora_run_quantises_the_base_and_exports_a_loadable_merged_model(tmp_path, caplog):
+    import torch
+    from transformers import AutoModelForCausalLM
+    with caplog.at_level("INFO", logger="jaxft"):
+        trainer.run(small_config(**{"peft.method": "qlora", "train.steps": 3, "optim.warmup_steps": 0,
+                                    "export.merged": True}), tmp_path)
+    ratio = float(caplog.text.split("in bfloat16 (")[1].split("x)")[0])
+    assert ratio <= 0.3  # NF4 codes + block scales against the same kernels in bfloat16
+    adapter = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export" / "model")).eval()
+    ids = torch.tensor([[1, 77, 71, 82, 86, 2]])
+    assert torch.isfinite(merged(input_ids=ids).logits).all()

@@ -7,7 +7,7 @@ from typing import Callable
 
 from flax import nnx
 
-from jaxft.peft import adapters, bitfit, partial, prompt
+from jaxft.peft import adapters, bitfit, partial, prompt, quant
 from jaxft.peft.lora import LoRAConfig, apply_lora
 from jaxft.peft.lora import trainable_filter as lora_filter
 from jaxft.peft.select import TrainableFilter
@@ -38,10 +38,12 @@ def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> M
 
     `tokenizer` is needed only to initialise prompt tuning from text.
     """
-    if peft_cfg.method == "lora":
+    if peft_cfg.method in ("lora", "qlora"):
         cfg = lora_config(peft_cfg)
         wrapped = apply_lora(model, cfg, rngs=rngs)
-        return Method("lora", lora_filter(), cfg, tuple(wrapped))
+        if peft_cfg.method == "qlora":  # after LoRA: its targets are chosen among the float Linears
+            quant.quantize_model(model, peft_cfg.quant, peft_cfg.quant_block_size)
+        return Method(peft_cfg.method, lora_filter(), cfg, tuple(wrapped))
     if peft_cfg.method == "full":
         return Method("full", TrainableFilter(((r".*", True),)))
     if peft_cfg.method == "adapter":

@@ -118,6 +118,9 @@ class LoRALinear(nnx.Module):
         """Write the adapted weight into the base kernel; the forward pass then skips the update."""
         if self.merged_gain is not None:
             raise AdapterError("This LoRA layer is already merged; unmerge it first.")
+        if not hasattr(self.base_layer, "kernel"):
+            raise AdapterError("A quantised base (QLoRA) cannot hold the merged weight in place; merge_lora "
+                               "builds float layers for export.")
         gain = self.dora_gain() if self.lora_magnitude is not None else jnp.ones((self.base_layer.out_features,))
         kernel = self.merged_kernel()
         self.base_layer.kernel.set_value(kernel)
@@ -224,6 +227,9 @@ def unmerge(model: nnx.Module) -> nnx.Module:
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its base kernel and unwrap it, in place: a plain model for export."""
     for name, module in lora_modules(model).items():
+        if hasattr(module.base_layer, "to_linear"):  # quantised base: a float layer with the merged weight
+            set_module(model, name, module.base_layer.to_linear(module.merged_kernel()))
+            continue
         if module.merged_gain is None:
             module.merge()
         set_module(model, name, module.base_layer)
