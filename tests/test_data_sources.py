@@ -71,8 +71,12 @@ def test_save_to_disk_dataset_dict_picks_the_split(tmp_path, tokenizer):
 
 
 def test_unreachable_hub_id_is_a_clear_error(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Offline as the libraries see it: they read the environment at import, so patch their flags
+    # (without this the lookup waits on network timeouts, ~20 s here).
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="Cannot load hub dataset 'nobody/no-such-dataset'"):
         load(config("nobody/no-such-dataset"), tokenizer)
 
