@@ -114,6 +114,13 @@ def _render_classification(row, cfg, label_ids) -> Rendered:
     return Rendered([(prompt, False), (" " + name, True)], label=label_ids[name])
 
 
+def configured_labels(cfg) -> list[str] | None:
+    """`data.labels` as a list in id order, or None when it is not set."""
+    if not cfg.labels:
+        return None
+    return [name.strip() for name in cfg.labels.split(",") if name.strip()]
+
+
 def label_name(value) -> str | None:
     """A label as the name it is trained and saved under (ints and bools as their text)."""
     if value is None:

@@ -18,7 +18,7 @@ import numpy as np
 from jaxft.data import sources
 from jaxft.data.batches import TrainOrder, pad_batch
 from jaxft.data.encode import Encoder, Examples, encode_all
-from jaxft.data.formats import detect_format, label_name
+from jaxft.data.formats import configured_labels, detect_format, label_name
 from jaxft.data.packing import fill_fraction, pack, packed_batch
 from jaxft.data.stream import StreamingTrainSet
 from jaxft.errors import DataError
@@ -168,7 +168,7 @@ def _read_cache(path: pathlib.Path) -> Examples | None:
 def _label_names(cfg, parts) -> list[str]:
     """`data.labels` (comma-separated, in id order), else the sorted distinct labels of the training set."""
     if cfg.labels:
-        return [name.strip() for name in cfg.labels.split(",") if name.strip()]
+        return configured_labels(cfg)
     found = {label_name(v) for part in parts if cfg.label_field in part.column_names
              for v in part.unique(cfg.label_field)} - {None}
     if not found:

@@ -20,6 +20,7 @@ import numpy as np
 from jaxft.data import sources
 from jaxft.data.batches import pad_batch
 from jaxft.data.encode import Encoder, row_batches
+from jaxft.data.formats import configured_labels
 from jaxft.data.packing import packed_batch
 from jaxft.errors import DataError
 
@@ -48,7 +49,7 @@ class StreamingTrainSet:
             if not cfg.labels:
                 raise DataError("Streaming classification data needs data.labels (the label set, comma-separated): "
                                 "it cannot be read off a stream before training.")
-            self.label_names = [n.strip() for n in cfg.labels.split(",") if n.strip()]
+            self.label_names = configured_labels(cfg)
         self.encoder = None  # the current pass's, for the report
         self._encode_first_rows()
 
