@@ -24,6 +24,7 @@ METHODS = {
     "dora": dict(method="lora", use_dora=True),
     "qlora": dict(method="qlora", quant="nf4"),
     "qlora_int8": dict(method="qlora", quant="int8"),
+    "qlora_embeddings": dict(method="qlora", quant="nf4", quant_embeddings=True),
     "adapter": dict(method="adapter", adapter_kind="houlsby", adapter_size=64),
     "prompt_tuning": dict(method="prompt_tuning", num_virtual_tokens=20),
     "partial": dict(method="partial", train_top_blocks=1),
@@ -129,6 +130,9 @@ def main(argv=None):
             ratios["qlora_frozen_over_lora"] = q["frozen_bytes"] / records["lora"]["frozen_bytes"]
             ratios["qlora_kernels_over_bf16"] = q["quantized_kernel_bytes"] / q["same_kernels_bf16_bytes"]
             ratios["qlora_kernels_over_lora_float32"] = q["quantized_kernel_bytes"] / (2 * q["same_kernels_bf16_bytes"])
+        if "qlora_embeddings" in records:
+            ratios["qlora_embeddings_frozen_over_lora"] = (records["qlora_embeddings"]["frozen_bytes"]
+                                                           / records["lora"]["frozen_bytes"])
         print(json.dumps(dict(bench="methods", **{k: round(v, 4) for k, v in ratios.items()})), flush=True)
 
 

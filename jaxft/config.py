@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
             use_dora=False,  # lora/qlora: DoRA, a trained magnitude per output feature
             quant="nf4",  # qlora: the frozen base's storage, "nf4" (4-bit, block absmax) or "int8" (per channel)
             quant_block_size=64,  # qlora nf4: weights per absmax scale
+            quant_embeddings=False,  # qlora: also store the token embeddings and the output head quantised
             adapter_kind="houlsby",  # adapter: "houlsby" (after attention and MLP) or "pfeiffer" (after MLP)
             adapter_size=64,  # adapter: bottleneck width
             adapter_activation="relu",
@@ -265,5 +266,8 @@ def _validate_peft(config) -> None:
     if config.export.merged and peft.method not in ("lora", "qlora"):
         raise ConfigError(f"export.merged folds a LoRA update into the base weights; peft.method={peft.method!r} "
                           f"has nothing to merge (full, partial and bitfit runs export the whole model anyway).")
+    if peft.quant_embeddings and peft.method != "qlora":
+        raise ConfigError(f"peft.quant_embeddings stores a QLoRA base's embeddings and head quantised; it needs "
+                          f"peft.method='qlora', not {peft.method!r}.")
     if peft.use_dora and peft.method not in ("lora", "qlora"):
         raise ConfigError(f"peft.use_dora applies to lora and qlora, not peft.method={peft.method!r}.")

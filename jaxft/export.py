@@ -18,6 +18,7 @@ from jaxft.peft.adapters import save_adapters
 from jaxft.peft.lora import merge_lora
 from jaxft.peft.peft_format import save_lora_adapter
 from jaxft.peft.prompt import save_prompt_adapter
+from jaxft.peft.quant import dequantize_model
 
 log = logging.getLogger("jaxft")
 
@@ -31,7 +32,8 @@ def export_run(model, method, tokenizer, config, directory) -> None:
                                      base_model=config.model.path)
             log.info("Exported the LoRA adapter (PEFT format) to %s", path)
         if config.export.merged:
-            path = save_hf_model(merge_lora(nnx.clone(model)), directory / "model", config.model.path, tokenizer)
+            merged = dequantize_model(merge_lora(nnx.clone(model)))  # QLoRA: float weights for HF
+            path = save_hf_model(merged, directory / "model", config.model.path, tokenizer)
             log.info("Exported the merged model (HF format) to %s", path)
     elif method.name == "adapter":
         if config.export.adapter:

@@ -148,7 +148,9 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     log.info("%d steps of %d rows x %d tokens (%s steps per epoch)", total_steps, batch_size, seq_len,
              order.steps_per_epoch if order else "streaming: unknown")
 
-    model = hf.load_pretrained(config.model.path, dtype=DTYPES[config.model.dtype],
+    # QLoRA quantises each layer as it is read, so the float model never exists whole.
+    on_param = quant.QuantSpec.from_config(config.peft).on_param if config.peft.method == "qlora" else None
+    model = hf.load_pretrained(config.model.path, dtype=DTYPES[config.model.dtype], on_param=on_param,
                                param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
     log.info("Trainable parameters (%s):\n%s", method.name,

@@ -36,6 +36,7 @@ def test_issue_keys_exist():
     ("train.batch_size", 0, "train.batch_size=0"),
     ("data.eval_fraction", 1.5, "data.eval_fraction"),
     ("model.dtype", "float8", "model.dtype"),
+    ("peft.quant_embeddings", True, "peft.quant_embeddings stores a QLoRA base's"),  # with method=lora
 ])
 def test_bad_values_name_the_key(key, value, fragment):
     c = _valid()

@@ -34,6 +34,7 @@ METHODS = {
     "lora": ({"method": "lora", "rank": 4}, lora_count(4)),
     "dora": ({"method": "lora", "rank": 4, "use_dora": True}, lora_count(4, dora=True)),
     "qlora_nf4": ({"method": "qlora", "rank": 4, "quant": "nf4"}, lora_count(4)),
+    "qlora_nf4_embeddings": ({"method": "qlora", "rank": 4, "quant": "nf4", "quant_embeddings": True}, lora_count(4)),
     "qlora_int8_dora": ({"method": "qlora", "rank": 4, "quant": "int8", "use_dora": True}, lora_count(4, dora=True)),
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 6}, 6 * HIDDEN),
     "houlsby": ({"method": "adapter", "adapter_kind": "houlsby", "adapter_size": 16},
@@ -117,16 +118,30 @@ def test_bitfit_on_a_model_without_biases_is_refused_before_training(tmp_path):
         trainer.run(small_config(**{"peft.method": "bitfit"}), tmp_path)
 
 
-def test_qlora_run_quantises_the_base_and_exports_a_loadable_merged_model(tmp_path, caplog):
+@pytest.mark.parametrize("quant,embeddings", [("nf4", False), ("int8", True)])
+def test_qlora_run_exports_a_merged_model_with_the_adapted_logits(tmp_path, caplog, quant, embeddings):
+    """The merged HF export (float W' = dequantised W + s A B, embeddings dequantised too) gives in
+    transformers the logits jaxft's QLoRA model gives with the exported adapter on its quantised base."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from jaxft.peft.peft_format import load_lora_adapter
+    from jaxft.peft.quant import QuantSpec
     with caplog.at_level("INFO", logger="jaxft"):
-        trainer.run(small_config(**{"peft.method": "qlora", "train.steps": 3, "optim.warmup_steps": 0,
-                                    "export.merged": True}), tmp_path)
+        trainer.run(small_config(**{"peft.method": "qlora", "peft.quant": quant, "peft.quant_embeddings": embeddings,
+                                    "train.steps": 3, "optim.warmup_steps": 0, "export.merged": True}), tmp_path)
     ratio = float(caplog.text.split("in bfloat16 (")[1].split("x)")[0])
-    assert ratio <= 0.3  # NF4 codes + block scales against the same kernels in bfloat16
+    assert ratio <= {"nf4": 0.3, "int8": 0.52}[quant]  # codes + scales vs bf16; int8: a scale per 128-wide row
     adapter = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA"
+
+    spec = QuantSpec(quant, embeddings=embeddings, skip=() if embeddings else ("lm_head",))
+    model = load_pretrained(QUICKSTART / "model", on_param=spec.on_param)
+    load_lora_adapter(model, tmp_path / "export" / "adapter")
+    ids = np.array([[1, 77, 71, 82, 86, 2, 300, 41]])
+    ours = np.asarray(model(jnp.asarray(ids)))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export" / "model")).eval()
-    ids = torch.tensor([[1, 77, 71, 82, 86, 2]])
-    assert torch.isfinite(merged(input_ids=ids).logits).all()
+    with torch.no_grad():
+        theirs = merged(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert np.abs(ours - np.asarray(load_pretrained(QUICKSTART / "model")(jnp.asarray(ids)))).max() > 1e-3

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors' numpy loader reads BF16
@@ -209,14 +209,18 @@ def _untie_if_head_differs(config, files, directory):
     return dataclasses.replace(config, tie_word_embeddings=False)
 
 
-def load_pretrained(path: str | os.PathLike, **config_overrides) -> nnx.Module:
+def load_pretrained(path: str | os.PathLike, *, on_param: Callable[[nnx.Module, tuple], None] | None = None,
+                    **config_overrides) -> nnx.Module:
     """Load a HF causal LM (config.json + safetensors) into the matching NNX model.
 
     `path` is a local directory, or a Hub repo id where the Hub is reachable.
     `config_overrides` go to the family config (e.g. `dtype=jnp.bfloat16,
     param_dtype=jnp.bfloat16, remat=True`). The model is built abstractly and
-    filled from the file, so random initialisation is never paid. Missing,
-    unexpected or mis-shaped tensors raise ModelLoadError naming them.
+    filled from the file one tensor at a time, so random initialisation is never
+    paid. `on_param(model, path)` runs after each parameter is filled and may
+    replace the module holding it (QLoRA quantises each layer as it arrives:
+    `peft.quant.QuantSpec.on_param`). Missing, unexpected or mis-shaped tensors
+    raise ModelLoadError naming them.
     """
     directory = resolve_model_dir(path)
     hf_config = read_config(directory)
@@ -231,10 +235,9 @@ def load_pretrained(path: str | os.PathLike, **config_overrides) -> nnx.Module:
         if config.tie_word_embeddings:
             in_file.discard("lm_head.weight")
 
-    abstract = nnx.eval_shape(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(state))
-    names = hf_name_map(abstract)
+    model = nnx.eval_shape(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
+    flat = dict(_param_items(model))  # the model's own Param objects: filling them fills the model
+    names = hf_name_map(model)
 
     missing = sorted(set(names) - in_file)
     unexpected = sorted(in_file - set(names))
@@ -262,10 +265,12 @@ def load_pretrained(path: str | os.PathLike, **config_overrides) -> nnx.Module:
 
     for name, array in _read_tensors(files, names):
         p, transpose = names[name]
-        var = flat[p]
-        value = jnp.asarray(array.T if transpose else array, dtype=var.get_value().dtype)
-        flat[p] = var.replace(value=value)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        var = flat.pop(p)  # the model holds it now; a layer `on_param` replaces frees its float weight
+        var.set_value(jnp.asarray(array.T if transpose else array, dtype=var.get_value().dtype))
+        del var, array
+        if on_param is not None:
+            on_param(model, p)
+    return model
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -40,9 +40,9 @@ def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> M
     """
     if peft_cfg.method in ("lora", "qlora"):
         cfg = lora_config(peft_cfg)
+        if peft_cfg.method == "qlora":  # a no-op for a model quantised while loading (trainer.py)
+            quant.quantize_model(model, quant.QuantSpec.from_config(peft_cfg))
         wrapped = apply_lora(model, cfg, rngs=rngs)
-        if peft_cfg.method == "qlora":  # after LoRA: its targets are chosen among the float Linears
-            quant.quantize_model(model, peft_cfg.quant, peft_cfg.quant_block_size)
         return Method(peft_cfg.method, lora_filter(), cfg, tuple(wrapped))
     if peft_cfg.method == "full":
         return Method("full", TrainableFilter(((r".*", True),)))

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxft.errors import AdapterError
 from jaxft.models.layers import Linear
+from jaxft.peft.quant import QuantizedLinear
 from jaxft.peft.select import TrainableFilter, path_str, set_module
 
 # Module names never adapted by "all-linear", as in PEFT: the output head.
@@ -152,9 +153,9 @@ def column_norms(kernel):
     return jnp.linalg.norm(kernel.astype(jnp.float32), axis=0)
 
 
-def linear_modules(model: nnx.Module) -> dict[str, Linear]:
-    """Every plain `Linear` in the model by dotted path ('model.layers.0.self_attn.q_proj')."""
-    return {path_str(path): m for path, m in nnx.iter_modules(model) if type(m) is Linear}
+def linear_modules(model: nnx.Module) -> dict[str, Linear | QuantizedLinear]:
+    """Every plain or quantised (QLoRA) `Linear` in the model by dotted path ('model.layers.0.self_attn.q_proj')."""
+    return {path_str(path): m for path, m in nnx.iter_modules(model) if type(m) in (Linear, QuantizedLinear)}
 
 
 def select_targets(names: list[str], targets: str) -> list[str]:

@@ -4,7 +4,13 @@
 which keeps the kernel as 4-bit NormalFloat (NF4) or int8 codes plus float32
 scales and dequantises to the compute dtype inside the forward pass. LoRA then
 wraps a `QuantizedLinear` exactly as it wraps a `Linear`: only `base_layer(x)`,
-`in_features` and `out_features` are read.
+`in_features` and `out_features` are read. With `QuantSpec(embeddings=True)`
+(`peft.quant_embeddings`) the token embeddings become a `QuantizedEmbed` and the
+output head is quantised too. `QuantSpec.on_param` quantises each layer as
+`models.hf.load_pretrained` reads it, so the float model never exists whole.
+
+The matmul (`quantized_matmul`) dequantises again in the backward pass rather
+than keeping every layer's float kernel from the forward pass.
 
 The codes and scales are `QuantizedWeight` variables, not `nnx.Param`: the one
 trainable filter only ever trains `nnx.Param`, so they get no gradient and no
@@ -18,6 +24,7 @@ codes, two codes per byte with the first in the high nibble.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -27,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import ConfigError
-from jaxft.models.layers import Linear
+from jaxft.models.layers import Embed, Linear
 from jaxft.peft.select import path_str, set_module
 
 KINDS = ("nf4", "int8")
@@ -110,6 +117,15 @@ def dequantize_nf4(packed: jax.Array, absmax: jax.Array, shape: tuple[int, ...],
     return values[:math.prod(shape)].reshape(shape).astype(dtype)
 
 
+def dequantize_nf4_rows(packed: jax.Array, absmax: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Rows of the 2-D NF4 layout (blocks tiling each row): packed `[..., n/2]`, absmax `[..., n/block]`
+    -> `[..., n]`. An embedding lookup dequantises only the rows it gathered this way."""
+    codes = unpack_nf4(packed).reshape(*packed.shape[:-1], -1).astype(jnp.int32)
+    values = jnp.take(jnp.asarray(NF4_CODE), codes)
+    blocks = values.reshape(*absmax.shape, -1) * absmax[..., None]
+    return blocks.reshape(*packed.shape[:-1], -1).astype(dtype)
+
+
 # ---------------------------------------------------------------------------
 # int8
 
@@ -130,7 +146,44 @@ def dequantize_int8(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> ja
 
 
 # ---------------------------------------------------------------------------
-# The layer
+# The matmul
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def quantized_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, dequantize) -> jax.Array:
+    """`x @ dequantize(codes, scales)`, whose backward pass dequantises the kernel again.
+
+    Plain autodiff would keep the dequantised float kernel of every layer alive
+    from the forward to the backward pass, which is exactly the memory QLoRA
+    exists to save; here the residuals are the codes and scales. The quantised
+    weights are constants: they get no gradient (None, i.e. zero).
+    """
+    return _dequantized_matmul(x, codes, scales, dequantize)
+
+
+def _dequantized_matmul(x, codes, scales, dequantize, transpose=False):
+    # The barrier ties the dequantisation to the activation it multiplies: without it XLA may
+    # hoist every layer's dequantisation to the start of the pass (they depend on arguments alone),
+    # or merge the backward pass's with the forward's, and hold all the float kernels at once.
+    x, codes, scales = jax.lax.optimization_barrier((x, codes, scales))
+    kernel = dequantize(codes, scales)
+    return x @ (kernel.T if transpose else kernel)
+
+
+def _quantized_matmul_fwd(x, codes, scales, dequantize):
+    return _dequantized_matmul(x, codes, scales, dequantize), (codes, scales)
+
+
+def _quantized_matmul_bwd(dequantize, residuals, dy):
+    codes, scales = residuals
+    return _dequantized_matmul(dy, codes, scales, dequantize, transpose=True), None, None
+
+
+quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
+# ---------------------------------------------------------------------------
+# The layers
 
 
 class QuantizedLinear(nnx.Module):
@@ -171,10 +224,8 @@ class QuantizedLinear(nnx.Module):
 
     def dequantized_kernel(self, dtype=jnp.float32) -> jax.Array:
         """The kernel `[in, out]` the codes stand for, in `dtype` (float32 by default; for merge and export)."""
-        if self.kind == "nf4":
-            return dequantize_nf4(self.codes.get_value(), self.scales.get_value(),
-                                  (self.in_features, self.out_features), dtype)
-        return dequantize_int8(self.codes.get_value(), self.scales.get_value(), dtype)
+        return _dequantize_kernel(self.codes.get_value(), self.scales.get_value(), kind=self.kind,
+                                  shape=(self.in_features, self.out_features), dtype=dtype)
 
     def to_linear(self, kernel=None) -> Linear:
         """A float `Linear` with this layer's bias and `kernel` (default: the dequantised one), for
@@ -188,11 +239,21 @@ class QuantizedLinear(nnx.Module):
         return linear
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Dequantised on the fly: the float kernel exists only transiently inside the step.
-        y = x.astype(self.dtype) @ self.dequantized_kernel(self.dtype)
+        # Dequantised on the fly, in the forward and again in the backward pass: the float
+        # kernel exists only transiently inside the step.
+        dequantize = functools.partial(_dequantize_kernel, kind=self.kind, shape=(self.in_features, self.out_features),
+                                       dtype=self.dtype)
+        y = quantized_matmul(x.astype(self.dtype), self.codes.get_value(), self.scales.get_value(), dequantize)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.dtype)
         return y
+
+
+def _dequantize_kernel(codes, scales, *, kind, shape, dtype):
+    """A `[in, out]` kernel from its NF4 or int8 storage."""
+    if kind == "nf4":
+        return dequantize_nf4(codes, scales, shape, dtype)
+    return dequantize_int8(codes, scales, dtype)
 
 
 def _nf4_storage(kernel, block_size, axes):
@@ -207,6 +268,76 @@ def _nf4_storage(kernel, block_size, axes):
             QuantizedWeight(absmax, logical_axes=(None,)), block_size)
 
 
+class QuantizedEmbed(nnx.Module):
+    """A frozen `Embed` whose table `[vocab, dim]` is held quantised; a lookup dequantises only the rows it
+    gathers, `attend` (the tied head) the whole table per call, as `QuantizedLinear` does.
+
+    NF4 blocks tile each row (one absmax per `block_size` values of a token's vector);
+    int8 has one scale per row, i.e. per token. Used with `peft.quant_embeddings`:
+    QLoRA itself leaves embeddings in float, MLX-style 4-bit models do not.
+    """
+
+    def __init__(self, codes: QuantizedWeight, scales: QuantizedWeight, *, kind: str, num_embeddings: int,
+                 features: int, dtype, block_size: int | None = None):
+        self.kind = kind
+        self.block_size = block_size
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.dtype = dtype
+        self.codes = codes
+        self.scales = scales
+
+    @classmethod
+    def from_embed(cls, embed, kind: str = "nf4", block_size: int = 64) -> QuantizedEmbed:
+        """Quantise `embed`'s table; NF4 needs `block_size` to divide the embedding width."""
+        table = embed.embedding.get_value()
+        axes = tuple(embed.embedding.get_metadata().get("logical_axes", (None, None)))
+        vocab, dim = table.shape
+        if kind == "nf4":
+            _check_block_size(block_size)
+            if dim % block_size:
+                raise ConfigError(f"peft.quant_block_size={block_size} must divide the embedding width {dim} "
+                                  f"to quantise the embeddings as NF4; use a divisor of {dim} or quant=int8.")
+            packed, absmax, _ = quantize_nf4(table, block_size)
+            codes = QuantizedWeight(packed.reshape(vocab, dim // 2), logical_axes=axes)
+            scales = QuantizedWeight(absmax.reshape(vocab, dim // block_size), logical_axes=axes)
+        elif kind == "int8":
+            q, scale = quantize_int8(jnp.asarray(table).T)  # per column of the transpose: per token
+            codes, scales, block_size = QuantizedWeight(q.T, logical_axes=axes), QuantizedWeight(
+                scale, logical_axes=(axes[0],)), None
+        else:
+            raise ConfigError(f"quantisation kind {kind!r} is not supported; use one of {list(KINDS)}.")
+        return cls(codes, scales, kind=kind, num_embeddings=vocab, features=dim, dtype=embed.dtype,
+                   block_size=block_size)
+
+    def _rows(self, codes, scales, dtype):
+        if self.kind == "nf4":
+            return dequantize_nf4_rows(codes, scales, dtype)
+        return (codes.astype(jnp.float32) * scales[..., None]).astype(dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        codes = jnp.take(self.codes.get_value(), ids, axis=0)
+        scales = jnp.take(self.scales.get_value(), ids, axis=0)
+        return self._rows(codes, scales, self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the table, `x @ table.T`, dequantised per call (and again for the backward pass)."""
+        transposed = lambda codes, scales: self._rows(codes, scales, self.dtype).T  # noqa: E731
+        return quantized_matmul(x.astype(self.dtype), self.codes.get_value(), self.scales.get_value(), transposed)
+
+    def dequantized_table(self, dtype=jnp.float32) -> jax.Array:
+        """The table `[vocab, dim]` the codes stand for, in `dtype` (for export)."""
+        return self._rows(self.codes.get_value(), self.scales.get_value(), dtype)
+
+    def to_embed(self) -> Embed:
+        """A float `Embed` holding the dequantised table, for a merged export."""
+        table = self.dequantized_table()
+        embed = Embed(self.num_embeddings, self.features, dtype=self.dtype, param_dtype=table.dtype,
+                      rngs=nnx.Rngs(0))
+        embed.embedding.set_value(table)
+        return embed
+
+
 # ---------------------------------------------------------------------------
 # Whole models
 
@@ -216,38 +347,109 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
-def quantize_model(model: nnx.Module, kind: str, block_size: int = 64,
-                   skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Replace every plain `Linear` (also one already wrapped as a LoRA `base_layer`) with a
-    `QuantizedLinear` in place, except those whose path ends in `skip`; returns the replaced paths.
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Which frozen layers are stored quantised, and how.
 
-    The output head is skipped by default, as in QLoRA: it is small next to the
-    body and its error goes straight into the logits.
+    Every plain `Linear` except those whose path ends in `skip` (QLoRA skips the
+    output head: it is small next to the body and its error goes straight into
+    the logits); with `embeddings`, also every `Embed` (and the head is then
+    usually not skipped: see `from_config`).
     """
-    if kind not in KINDS:
-        raise ConfigError(f"quantisation kind {kind!r} is not supported; use one of {list(KINDS)}.")
-    if kind == "nf4":
-        _check_block_size(block_size)
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    chosen = {path_str(p): m for p, m in nnx.iter_modules(model) if type(m) is Linear}
-    chosen = {name: m for name, m in chosen.items() if not _skipped(name, skip)}
-    for name, linear in chosen.items():
-        set_module(model, name, QuantizedLinear.from_linear(linear, kind=kind, block_size=block_size))
-    return list(chosen)
+
+    kind: str = "nf4"
+    block_size: int = 64
+    skip: tuple[str, ...] = ("lm_head",)
+    embeddings: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"quantisation kind {self.kind!r} is not supported; use one of {list(KINDS)}.")
+        if self.kind == "nf4":
+            _check_block_size(self.block_size)
+
+    @classmethod
+    def from_config(cls, peft_cfg) -> QuantSpec:
+        """`peft.quant`, `peft.quant_block_size`; `peft.quant_embeddings` quantises the embeddings and the head."""
+        embeddings = bool(peft_cfg.quant_embeddings)
+        return cls(peft_cfg.quant, peft_cfg.quant_block_size, skip=() if embeddings else ("lm_head",),
+                   embeddings=embeddings)
+
+    def replacement(self, name: str, module) -> nnx.Module | None:
+        """The quantised module to put at dotted path `name` in place of `module`, or None to keep it."""
+        if type(module) is Linear and not _skipped(name, self.skip):
+            return QuantizedLinear.from_linear(module, kind=self.kind, block_size=self.block_size)
+        if type(module) is Embed and self.embeddings:
+            return QuantizedEmbed.from_embed(module, kind=self.kind, block_size=self.block_size)
+        return None
+
+    def on_param(self, model: nnx.Module, path: tuple) -> None:
+        """`models.hf.load_pretrained`'s hook: quantise a layer as soon as its weight is read, so the float
+        model never exists whole (peak memory: the quantised model plus one float tensor). A bias read later
+        still lands: the quantised layer holds the same bias variable."""
+        if path[-1] not in ("kernel", "embedding"):
+            return
+        name = ".".join(map(str, path[:-1]))
+        module = _module_at(model, path[:-1])
+        replacement = self.replacement(name, module)
+        if replacement is not None:
+            set_module(model, name, replacement)
+            # Free the float weight now: the replaced layer sits in a reference cycle that only
+            # Python's cyclic collector would break, long after the next tensors are read.
+            weight = getattr(module, path[-1])
+            weight.set_value(jax.ShapeDtypeStruct(weight.get_value().shape, weight.get_value().dtype))
 
 
-def quantized_modules(model: nnx.Module) -> dict[str, QuantizedLinear]:
-    """Every `QuantizedLinear` by dotted path."""
-    return {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, QuantizedLinear)}
+def _module_at(model: nnx.Module, path: tuple):
+    for part in path:
+        model = model[part] if isinstance(part, int) else getattr(model, part)
+    return model
+
+
+def quantize_model(model: nnx.Module, kind: str | QuantSpec, block_size: int = 64,
+                   skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Replace the layers `QuantSpec(kind, block_size, skip)` (or a given spec) names with quantised ones,
+    in place, also a `Linear` already wrapped as a LoRA `base_layer`; returns the replaced paths.
+
+    Layers already quantised are left as they are, so a model quantised while
+    loading passes through unchanged.
+    """
+    spec = kind if isinstance(kind, QuantSpec) else QuantSpec(kind, block_size, (skip,) if isinstance(skip, str)
+                                                              else tuple(skip))
+    replaced = []
+    for name, module in [(path_str(p), m) for p, m in nnx.iter_modules(model)]:
+        replacement = spec.replacement(name, module)
+        if replacement is not None:
+            set_module(model, name, replacement)
+            replaced.append(name)
+    return replaced
+
+
+def dequantize_model(model: nnx.Module) -> nnx.Module:
+    """Replace every quantised layer with a float one holding its dequantised weight, in place (for export)."""
+    for name, module in quantized_modules(model).items():
+        set_module(model, name, module.to_linear() if isinstance(module, QuantizedLinear) else module.to_embed())
+    return model
+
+
+def quantized_modules(model: nnx.Module) -> dict[str, QuantizedLinear | QuantizedEmbed]:
+    """Every `QuantizedLinear` and `QuantizedEmbed` by dotted path."""
+    return {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, (QuantizedLinear, QuantizedEmbed))}
 
 
 def weight_bytes(model: nnx.Module) -> dict:
-    """What the quantised kernels take (codes + scales) against the same kernels in bfloat16, for the run log."""
+    """What the quantised weights take (codes + scales) against the same weights in bfloat16, for the run log."""
     layers = quantized_modules(model).values()
     quantized = sum(_nbytes(m.codes) + _nbytes(m.scales) for m in layers)
-    bf16 = sum(2 * m.in_features * m.out_features for m in layers)
+    bf16 = sum(2 * _weight_count(m) for m in layers)
     return dict(layers=len(layers), quantized_bytes=quantized, bf16_bytes=bf16,
                 ratio=quantized / bf16 if bf16 else float("nan"))
+
+
+def _weight_count(layer) -> int:
+    if isinstance(layer, QuantizedLinear):
+        return layer.in_features * layer.out_features
+    return layer.num_embeddings * layer.features
 
 
 def _nbytes(variable: nnx.Variable) -> int:
