@@ -144,6 +144,17 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # Devices as a ('data', 'fsdp', 'tensor') mesh (jaxft/sharding.py). The product of the three is
+    # the devices per slice; one may be -1, the rest. The batch splits over data x fsdp.
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            data=1,  # data parallelism: whole replicas of the weights
+            fsdp=-1,  # data parallelism with weights and optimizer state sharded (ZeRO-3); default: all devices
+            tensor=1,  # tensor parallelism: heads, MLP width and vocabulary split inside each layer
+            dcn_data=1,  # slices of a multi-slice TPU job (data parallel over the data-centre network)
+        )
+    )
+
     c.export = ml_collections.ConfigDict(
         dict(
             adapter=True,  # PEFT-format adapter under <workdir>/export/adapter (LoRA runs)
@@ -242,6 +253,10 @@ def validate(config) -> None:
     if config.data.streaming and config.data.eval_fraction:
         raise ConfigError("data.streaming=True cannot hold out data.eval_fraction of a stream; give data.eval.")
     _positive(config, "data.shuffle_buffer")
+    _positive(config, "mesh.dcn_data")
+    for axis in ("data", "fsdp", "tensor"):
+        if config.mesh[axis] == 0 or config.mesh[axis] < -1:
+            raise ConfigError(f"mesh.{axis}={config.mesh[axis]} must be a positive size or -1 (the devices left over).")
     if config.train.batch_size % config.optim.grad_accum_steps:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must divide by "
                           f"optim.grad_accum_steps={config.optim.grad_accum_steps}.")

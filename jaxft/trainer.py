@@ -28,9 +28,9 @@ from flax import nnx
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
-from jaxft import evaluate, export, peft
+from jaxft import evaluate, export, peft, sharding
 from jaxft.config import validate
-from jaxft.errors import ConfigError, DataError, TrainingDivergedError
+from jaxft.errors import DataError, TrainingDivergedError
 from jaxft.host import tune_malloc
 from jaxft.losses import token_cross_entropy
 from jaxft.metrics import MetricWriter, Progress, Throughput
@@ -61,18 +61,19 @@ def loss_sums(model, batch):
     return jnp.sum(token_cross_entropy(logits, targets) * weights), jnp.sum(weights)
 
 
-def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int, dropout_key):
+def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int, dropout_key, mesh=None):
     """One optimizer step over `accum_steps` micro-batches; never applies a non-finite update.
 
     The loss is the mean over all target tokens of the whole batch, so accumulation
-    changes memory, not the result.
+    changes memory, not the result. `mesh`: lay activations out on it (jaxft/sharding.py).
     """
     step = state["step"]
     key = jax.random.fold_in(dropout_key, step)
 
     def micro_loss(params, micro, i):
         model = nnx.merge(graphdef, params, with_dropout_keys(frozen, jax.random.fold_in(key, i)))
-        return loss_sums(model, micro)
+        with sharding.use_mesh(mesh):
+            return loss_sums(model, micro)
 
     def accumulate(carry, xs):
         grads, loss, count = carry
@@ -102,13 +103,29 @@ def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int
         opt_state=keep_if_bad(opt_state, state["opt_state"]),
         nonfinite_step=jnp.where((state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"]),
     )
-    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(step), target_tokens=count)
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(step), target_tokens=count,
+                   tokens=jnp.sum(batch["attention_mask"]))
     return new_state, metrics
 
 
-def eval_step(params, frozen, batch, *, graphdef):
+def eval_step(params, frozen, batch, *, graphdef, mesh=None):
     """(loss sum, target tokens) of one eval batch, dropout off."""
-    return loss_sums(nnx.merge(graphdef, params, frozen), batch)
+    with sharding.use_mesh(mesh):
+        return loss_sums(nnx.merge(graphdef, params, frozen), batch)
+
+
+def init_state(params, frozen, tx, mesh):
+    """The training state (step, params, optimizer state, NaN marker) and the frozen weights, laid out on
+    `mesh` by their logical axes; returns them with their shardings (for the step's jit)."""
+    params = sharding.place(params, sharding.tree_shardings(params, mesh))
+    frozen_shardings = sharding.tree_shardings(frozen, mesh)
+    frozen = sharding.place(frozen, frozen_shardings)
+    state = dict(step=jnp.int32(0), params=params, opt_state=jax.eval_shape(tx.init, params),
+                 nonfinite_step=jnp.int32(-1))
+    state_shardings = sharding.tree_shardings(state, mesh)
+    # Created sharded, never whole on one device (full fine-tuning's optimizer state is twice the model).
+    state["opt_state"] = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
+    return sharding.place(state, state_shardings), frozen, state_shardings, frozen_shardings
 
 
 # ----------------------------------------------------------------------------- flow
@@ -121,6 +138,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     """
     # 1. Data (before JAX starts: see tune_host) ----------------------------------
     validate(config)
+    sharding.initialize_distributed()  # a multi-host job: join the other processes first
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     seq_len, batch_size = config.train.seq_len, config.train.batch_size
@@ -133,11 +151,12 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
         tune_malloc()
 
     # 2. Setup and model ----------------------------------------------------------
-    if jax.process_count() > 1:
-        # The data side is ready (jaxft/data/batches.py: per-process slices, global arrays);
-        # the step is not yet sharded over a multi-host mesh.
-        raise ConfigError(f"This run has {jax.process_count()} processes; training on several hosts needs the "
-                          f"sharded step, which jaxft does not have yet. Run one process per job for now.")
+    mesh = sharding.make_mesh(config.mesh)
+    eval_batch_size = config.eval.batch_size or batch_size
+    sharding.check_batch(batch_size, config.optim.grad_accum_steps, mesh)
+    if eval_set is not None:
+        sharding.check_batch(eval_batch_size, 1, mesh, "eval.batch_size")
+    log.info("Mesh %s over %d devices in %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         _write_json(workdir / "data_report.json", data.report)
@@ -162,13 +181,19 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     graphdef, params, frozen = split_model(model, method.trainable)
     eval_graphdef = split_model(_without_dropout(model), method.trainable)[0]
 
-    # 3. Optimizer and state ----------------------------------------------------------
+    # 3. Optimizer and state, laid out on the mesh --------------------------------------
     tx = build_optimizer(config.optim, total_steps, _start_steps(method, params))
-    state = dict(step=jnp.int32(0), params=params, opt_state=tx.init(params), nonfinite_step=jnp.int32(-1))
+    state, frozen, state_shardings, frozen_shardings = init_state(params, frozen, tx, mesh)
+    nnx.update(model, state["params"], frozen)  # the model holds the laid-out arrays, not a second copy
+    batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, tx=tx, schedule=learning_rate_schedule(config.optim, total_steps),
-        accum_steps=config.optim.grad_accum_steps, dropout_key=jax.random.key(config.seed)), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_graphdef))
+        accum_steps=config.optim.grad_accum_steps, dropout_key=jax.random.key(config.seed), mesh=mesh),
+        in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_graphdef, mesh=mesh),
+                      in_shardings=(state_shardings["params"], frozen_shardings, batch_sharding),
+                      out_shardings=sharding.replicated(mesh))
 
     # 4. Resume -----------------------------------------------------------------
     checkpoints = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
@@ -187,7 +212,8 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     writer = MetricWriter(workdir)
     progress = Progress(total_steps, start_step, config.train.progress_bar)
     throughput = Throughput()
-    evaluate_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id)
+    evaluate_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id,
+                                     batch_sharding)
     last = {}
 
     def save(step):
@@ -202,21 +228,20 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
         writer.write(0, last)
         log.info("step 0: %s", _fmt(last))
 
-    window, window_tokens = [], 0
-    part = data_lib.process_slice(batch_size, jax.process_index(), jax.process_count())
+    window = []
+    part = sharding.process_rows(batch_sharding, batch_size)  # the rows of each batch this process builds
     batches = data_lib.Prefetcher(train_set.batches(start_step, total_steps, part), config.data.prefetch)
     try:
         for step, batch, position in batches:
-            state, metrics = step_fn(state, frozen, batch)
+            state, metrics = step_fn(state, frozen, sharding.to_global(batch, batch_sharding, batch_size))
             window.append(metrics)
-            window_tokens += int(batch["attention_mask"].sum())
             done = step + 1
             progress.update(done, last)
             if done % config.train.log_every_steps == 0 or done == total_steps:
-                last = _summarise(window, throughput.rates(window_tokens, batches.wait_seconds))
+                last = _summarise(window, throughput, batches.wait_seconds)
                 _check_finite(state)
                 writer.write(done, last)
-                window, window_tokens = [], 0
+                window = []
             if eval_set is not None and ((config.eval.every_steps and done % config.eval.every_steps == 0)
                                          or done == total_steps):
                 last = {**last, **evaluate_now(state["params"])}
@@ -237,6 +262,8 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
 
     # 6. Export -----------------------------------------------------------------
     nnx.update(model, state["params"])
+    if jax.process_count() > 1:  # process 0 writes the files: it needs every shard
+        nnx.update(model, sharding.gather(nnx.state(model)))
     if jax.process_index() == 0:
         export.export_run(model, method, tokenizer, config, workdir / "export")
     return last
@@ -261,20 +288,23 @@ def _without_dropout(model):
     return model
 
 
-def _evaluate(eval_fn, frozen, eval_set, config, pad_id, params) -> dict:
-    batches = data_lib.eval_batches(eval_set, config.eval.batch_size or config.train.batch_size,
-                                    config.train.seq_len, pad_id, config.eval.max_batches)
+def _evaluate(eval_fn, frozen, eval_set, config, pad_id, batch_sharding, params) -> dict:
+    """Loss and perplexity over the eval set; every process reads each batch and passes on its own rows."""
+    batch_size = config.eval.batch_size or config.train.batch_size
+    rows = sharding.process_rows(batch_sharding, batch_size)
+    batches = data_lib.eval_batches(eval_set, batch_size, config.train.seq_len, pad_id, config.eval.max_batches)
+    batches = (sharding.to_global({k: v[rows] for k, v in b.items()}, batch_sharding, batch_size) for b in batches)
     return evaluate.loss_and_perplexity(functools.partial(eval_fn, params, frozen), batches)
 
 
-def _summarise(window: list[dict], rates: dict) -> dict:
-    """Means over the logging window (not the last step alone), plus tokens/s and input wait."""
+def _summarise(window: list[dict], throughput: Throughput, input_wait_seconds: float) -> dict:
+    """Means over the logging window (not the last step alone), plus tokens/s (all hosts') and input wait."""
     window = jax.device_get(window)
     return dict(
         loss=float(np.mean([m["loss"] for m in window])),
         grad_norm=float(np.mean([m["grad_norm"] for m in window])),
         lr=float(window[-1]["lr"]),
-        **rates,
+        **throughput.rates(int(sum(m["tokens"] for m in window)), input_wait_seconds),
     )
 
 

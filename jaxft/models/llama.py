@@ -34,6 +34,7 @@ from jaxft.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from jaxft.sharding import constrain
 
 # HF's per-family defaults for keys a config.json may leave out, and the
 # family's fixed architecture switches.
@@ -44,6 +45,9 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=32768),
 }
 MODEL_TYPES = tuple(_FAMILY_DEFAULTS)
+
+# The layout of the residual stream between blocks (names in jaxft/sharding.py RULES).
+_ACTIVATION_AXES = ("batch", "length", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +332,7 @@ class LlamaForCausalLM(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.model.embed_tokens(input_ids)
+        x = constrain(self.model.embed_tokens(input_ids), _ACTIVATION_AXES)
         mask_for = functools.partial(make_attention_mask, attention_mask, segment_ids, b, t)
         if self.prompt_encoder is not None:
             # Prompt tuning puts virtual tokens in front: a longer x, shifted positions, and
@@ -340,7 +344,9 @@ class LlamaForCausalLM(nnx.Module):
         masks = {w: mask_for(w) for w in {cfg.layer_window(i) for i in range(cfg.num_layers)}}
         run = _run_layer_remat if cfg.remat else _run_layer
         for i, layer in enumerate(self.model.layers):
-            x = run(layer, x, cos, sin, masks[cfg.layer_window(i)])
+            # Between blocks activations are split over the batch only: each block's weights are
+            # gathered (FSDP) or its partial sums reduced (tensor parallelism) inside it.
+            x = constrain(run(layer, x, cos, sin, masks[cfg.layer_window(i)]), _ACTIVATION_AXES)
         x = self.model.norm(x[:, -t:])  # logits for the T input positions only
         if self.lm_head is None:
             logits = self.model.embed_tokens.attend(x)

@@ -69,10 +69,15 @@ class LoRALinear(nnx.Module):
         self.scale = scale
         # PEFT's default: kaiming-uniform(a=sqrt(5)) for A, which is U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / math.sqrt(base_layer.in_features)
+        # A and B are sharded like the base kernel on the dimension they share with it; the rank
+        # dimension is small and stays whole.
+        in_axis, out_axis = kernel_axes(base_layer)
         self.lora_a = nnx.Param(
-            jax.random.uniform(rngs.params(), (base_layer.in_features, rank), jnp.float32, -bound, bound))
-        self.lora_b = nnx.Param(jnp.zeros((rank, base_layer.out_features), jnp.float32))
-        self.lora_magnitude = nnx.Param(column_norms(base_kernel(base_layer))) if use_dora else None
+            jax.random.uniform(rngs.params(), (base_layer.in_features, rank), jnp.float32, -bound, bound),
+            logical_axes=(in_axis, None))
+        self.lora_b = nnx.Param(jnp.zeros((rank, base_layer.out_features), jnp.float32), logical_axes=(None, out_axis))
+        self.lora_magnitude = (nnx.Param(column_norms(base_kernel(base_layer)), logical_axes=(out_axis,))
+                               if use_dora else None)
         self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
         self.dropout_key = DropoutKey(jax.random.key(0)) if dropout > 0 else None
         self.merged_gain = nnx.data(None)  # set while merged (see merge): what unmerge divides DoRA's weight by
@@ -146,6 +151,12 @@ def base_kernel(layer):
     if hasattr(layer, "dequantized_kernel"):
         return layer.dequantized_kernel()
     return layer.kernel.get_value()
+
+
+def kernel_axes(layer) -> tuple:
+    """The logical axes (in, out) of a Linear's kernel, or of the float kernel a quantised one stands for."""
+    axes = layer.kernel.get_metadata() if hasattr(layer, "kernel") else {"logical_axes": layer.kernel_axes}
+    return tuple(axes.get("logical_axes") or (None, None))
 
 
 def column_norms(kernel):

@@ -195,8 +195,10 @@ class QuantizedLinear(nnx.Module):
     """
 
     def __init__(self, codes: QuantizedWeight, scales: QuantizedWeight, *, kind: str, in_features: int,
-                 out_features: int, dtype, bias: nnx.Param | None, block_size: int | None = None):
+                 out_features: int, dtype, bias: nnx.Param | None, block_size: int | None = None,
+                 kernel_axes: tuple = (None, None)):
         self.kind = kind
+        self.kernel_axes = tuple(kernel_axes)  # the float kernel's logical axes (LoRA shards A, B by them)
         self.block_size = block_size
         self.in_features = in_features
         self.out_features = out_features
@@ -220,7 +222,7 @@ class QuantizedLinear(nnx.Module):
             scales = QuantizedWeight(scale, logical_axes=(axes[1],))
             block_size = None
         return cls(codes, scales, kind=kind, in_features=linear.in_features, out_features=linear.out_features,
-                   dtype=linear.dtype, bias=linear.bias, block_size=block_size)
+                   dtype=linear.dtype, bias=linear.bias, block_size=block_size, kernel_axes=axes)
 
     def dequantized_kernel(self, dtype=jnp.float32) -> jax.Array:
         """The kernel `[in, out]` the codes stand for, in `dtype` (float32 by default; for merge and export)."""

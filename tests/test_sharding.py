@@ -1,0 +1,279 @@
+"""Sharded training (jaxft/sharding.py): the mesh and its errors, the rules, and training on 8 fake CPU
+devices and on two processes that gives what one device gives."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+from ml_collections import ConfigDict
+from safetensors.numpy import load_file
+
+from jaxft import checkpoint as ckpt_lib
+from jaxft import sharding, trainer
+from jaxft.config import validate
+from jaxft.errors import ConfigError
+from tests.conftest import ROOT
+from tests.test_trainer import small_config
+
+# ----------------------------------------------------------------------------- mesh and rules
+
+
+def _mesh_cfg(data=1, fsdp=-1, tensor=1, dcn_data=1):
+    return ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_data=dcn_data))
+
+
+@pytest.mark.parametrize("cfg,devices,shape", [
+    (_mesh_cfg(), 8, (1, 8, 1)),
+    (_mesh_cfg(data=-1, fsdp=2, tensor=2), 8, (2, 2, 2)),
+    (_mesh_cfg(data=2, fsdp=2, tensor=2), 8, (2, 2, 2)),
+    (_mesh_cfg(fsdp=1, tensor=-1), 4, (1, 1, 4)),
+    (_mesh_cfg(data=1, fsdp=2, tensor=1, dcn_data=4), 8, (4, 2, 1)),  # 4 slices of 2 devices
+    (_mesh_cfg(), 1, (1, 1, 1)),
+])
+def test_mesh_shape_fills_the_devices(cfg, devices, shape):
+    assert sharding.mesh_shape(cfg, devices) == shape
+
+
+@pytest.mark.parametrize("cfg,devices,fragment", [
+    (_mesh_cfg(data=2, fsdp=2, tensor=1), 8, "data=2 x fsdp=2 x tensor=1 does not fit the 8 devices: their product"),
+    (_mesh_cfg(data=3, fsdp=-1), 8, "3 does not divide 8"),
+    (_mesh_cfg(data=-1, fsdp=-1), 8, "more than one mesh size is -1"),
+    (_mesh_cfg(tensor=0), 8, "mesh.tensor=0"),
+    (_mesh_cfg(dcn_data=3), 8, "mesh.dcn_data=3 must be a positive divisor of the 8 devices"),
+])
+def test_a_mesh_that_does_not_fit_is_a_config_error(cfg, devices, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        sharding.mesh_shape(cfg, devices)
+
+
+def test_config_refuses_bad_mesh_sizes():
+    c = small_config(**{"mesh.fsdp": -2})
+    with pytest.raises(ConfigError, match=r"mesh.fsdp=-2 must be a positive size or -1"):
+        validate(c)
+
+
+MESH_222 = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+
+
+@pytest.mark.parametrize("axes,shape,mesh_shape,spec", [
+    (("embed", "mlp"), (128, 352), (2, 2, 2), PartitionSpec("fsdp", "tensor")),
+    (("vocab", "embed"), (1024, 128), (2, 2, 2), PartitionSpec("tensor", "fsdp")),
+    (("embed", "mlp"), (128, 352), (1, 8, 1), PartitionSpec("fsdp", None)),
+    (("embed", "mlp"), (128, 351), (1, 4, 2), PartitionSpec("fsdp", None)),  # 351 does not split in 2: whole
+    (("embed", "kv_heads"), (128, 64), (1, 4, 2), PartitionSpec("fsdp", "tensor")),
+    (("norm",), (128,), (1, 8, 1), PartitionSpec(None)),
+    (("embed", None), (128, 8), (8, 1, 1), PartitionSpec(None, None)),  # no fsdp axis: replicated
+    (("batch", "length", "act_embed"), (8, 64, 128), (2, 2, 2), PartitionSpec(("data", "fsdp"), None, None)),
+    (("batch",), (6,), (2, 2, 2), PartitionSpec("data")),  # 6 rows split 2 ways, not 4
+    (("embed", "embed"), (64, 64), (1, 8, 1), PartitionSpec("fsdp", None)),  # a mesh axis is used once
+    (None, (3, 3), (2, 2, 2), PartitionSpec()),
+])
+def test_rules_map_logical_axes_to_mesh_axes(axes, shape, mesh_shape, spec):
+    mesh = AbstractMesh(mesh_shape, sharding.MESH_AXES)
+    assert sharding.spec_for(axes, shape, mesh) == spec
+
+
+def test_a_batch_that_does_not_split_over_the_batch_axes_is_refused():
+    with pytest.raises(ConfigError, match=r"train.batch_size=12 \(micro-batches of 6 rows with "
+                                          r"optim.grad_accum_steps=2\) does not split .* 2 x 2 = 4 ways"):
+        sharding.check_batch(12, 2, MESH_222)
+    sharding.check_batch(16, 2, MESH_222)
+
+
+def test_a_mesh_larger_than_the_devices_stops_the_run_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="does not fit the 1 devices"):
+        trainer.run(small_config(**{"mesh.data": 2}), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- 8 devices
+
+STEPS = 3
+
+
+def case_config(case: dict):
+    """The small quickstart run every equivalence case trains: `case` picks the method and mesh.
+
+    SGD with momentum, not Adam: Adam divides each gradient entry by its own magnitude, so an entry
+    that is float noise (LoRA A's gradient, a sum with cancellation while B is near zero) becomes an
+    update of up to lr whose value reduction order decides. With AdamW the losses still agree to
+    1e-6 and the trained parameters to ~3e-5; SGD keeps the comparison about the sharded computation.
+    """
+    data, fsdp, tensor = case.get("mesh", (1, 1, 1))
+    return small_config(**{"train.steps": STEPS, "train.batch_size": 8, "train.log_every_steps": 1,
+                           "eval.every_steps": 0, "eval.max_batches": 1, "checkpoint.every_steps": STEPS,
+                           "peft.method": case["method"], "optim.name": "sgd", "optim.momentum": 0.9,
+                           "optim.lr": 0.05, "optim.weight_decay": 0.01,
+                           "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+
+
+CASES = [dict(name=f"{method}_{'x'.join(map(str, mesh))}", method=method, mesh=mesh)
+         for method, mesh in [("lora", (8, 1, 1)), ("lora", (1, 8, 1)), ("lora", (2, 2, 2)), ("lora", (1, 4, 2)),
+                              ("full", (1, 8, 1)), ("full", (2, 2, 2))]]
+
+
+def _losses(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return np.array([r["loss"] for r in records if "loss" in r] + [r["eval_loss"] for r in records
+                                                                  if "eval_loss" in r])
+
+
+def _trained(workdir, method):
+    name = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    return load_file(str(workdir / "export" / name))
+
+
+def _relative_error(a, b):
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """The 1-device runs, in this process, that every sharded run must match."""
+    root = tmp_path_factory.mktemp("sharded")
+    for method in ("lora", "full"):
+        trainer.run(case_config(dict(method=method)), root / f"reference_{method}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def eight_devices(references):
+    """The sharded runs, in a process with 8 fake devices."""
+    root = references
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker", str(root), json.dumps(CASES)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    return root, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_sharded_training_matches_one_device(eight_devices, case):
+    root, _ = eight_devices
+    reference = root / f"reference_{case['method']}"
+    assert _relative_error(_losses(root / case["name"]), _losses(reference)) <= 1e-5
+    ours, theirs = _trained(root / case["name"], case["method"]), _trained(reference, case["method"])
+    assert ours.keys() == theirs.keys()
+    errors = {k: _relative_error(ours[k], theirs[k]) for k in ours}
+    assert max(errors.values()) <= 1e-5, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+
+
+def _expected_spec(axes, mesh):
+    """The spec for logical `axes` on a (data, fsdp, tensor) mesh where every dimension divides."""
+    data, fsdp, tensor = mesh
+    rule = {"embed": "fsdp" if fsdp > 1 else None, "mlp": "tensor" if tensor > 1 else None,
+            "vocab": "tensor" if tensor > 1 else None, None: None}
+    return [rule[a] for a in axes]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_parameters_and_optimizer_state_are_sharded_by_the_rules(eight_devices, case):
+    _, report = eight_devices
+    got, mesh = report["cases"][case["name"]], case["mesh"]
+    n_fsdp, n_tensor = mesh[1], mesh[2]
+    if case["method"] == "lora":  # A follows the base kernel's input axis, B its output axis
+        a, b, kernel = ("model.layers.0.mlp.gate_proj." + s for s in ("lora_a", "lora_b", "base_layer.kernel"))
+        assert got["params"][a] == [_expected_spec(("embed", None), mesh), [128 // n_fsdp, 8]]
+        assert got["params"][b] == [_expected_spec((None, "mlp"), mesh), [8, 352 // n_tensor]]
+        assert got["frozen"][kernel] == [_expected_spec(("embed", "mlp"), mesh), [128 // n_fsdp, 352 // n_tensor]]
+        trained = [a, b]
+    else:
+        kernel, table = "model.layers.0.mlp.gate_proj.kernel", "model.embed_tokens.embedding"
+        assert got["params"][kernel] == [_expected_spec(("embed", "mlp"), mesh), [128 // n_fsdp, 352 // n_tensor]]
+        assert got["params"][table] == [_expected_spec(("vocab", "embed"), mesh), [1024 // n_tensor, 128 // n_fsdp]]
+        assert got["frozen"] == {}
+        trained = [kernel, table]
+    for name in trained:  # the momentum lives where its parameter lives
+        moments = [v for k, v in got["opt_state"].items() if k.endswith(name)]
+        assert len(moments) == 1 and moments[0] == got["params"][name], (name, moments)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_restores_on_other_meshes_and_one_device(eight_devices):
+    root, report = eight_devices
+    saved_on = CASES[0]["name"]  # (8, 1, 1)
+    for case in CASES:
+        if case["method"] != "lora":
+            continue
+        restored = report["restores"][case["name"]]
+        assert restored["same_values"] and restored["step"] == STEPS
+        assert restored["params"] == report["cases"][case["name"]]["params"]  # laid out for the new mesh
+    # And on this process's single device, against the run's own export.
+    config = case_config(dict(method="lora"))
+    source = ckpt_lib.Checkpointer(root / saved_on, every_steps=1, keep=1, async_save=False)
+    from tests.sharding_worker import init_state
+    like, _ = init_state(config)
+    state, _ = source.restore(source.latest_step(), like, ckpt_lib.fingerprint(like["params"]))
+    source.close()
+    exported = _trained(root / saved_on, "lora")
+    a = np.asarray(state["params"]["model"]["layers"][0]["mlp"]["gate_proj"]["lora_a"].get_value())
+    np.testing.assert_array_equal(a.T, exported["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"])
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def _cli_flags(config) -> list[str]:
+    """`--config.k=v` for every key where `config` differs from configs/quickstart.py's."""
+    from configs import quickstart
+    base, flags = quickstart.get_config(), []
+    for section, values in config.items():
+        if not hasattr(values, "items"):
+            continue
+        flags += [f"--config.{section}.{k}={v}" for k, v in values.items() if base[section][k] != v]
+    return flags
+
+
+def _two_processes(workdir, config, logs):
+    """`python -m jaxft.train` as 2 processes x 4 CPU devices through launch/local.sh."""
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "--devices-per-process", "4",
+                           "--log-dir", str(logs), "--", "--config", str(ROOT / "configs" / "quickstart.py"),
+                           "--workdir", str(workdir), *_cli_flags(config)],
+                          cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume_as_one(references, tmp_path):
+    """2 processes x 4 devices on a (2, 2, 2) mesh, per-process data rows: the 1-device run's losses and
+    adapter; resumed from its step-1 checkpoint it continues bitwise as it went; restored on this one
+    device it continues as the 1-device run does."""
+    import shutil
+    config = case_config(dict(method="lora", mesh=(2, 2, 2)))
+    config.checkpoint.every_steps = 1
+    straight = tmp_path / "straight"
+    _two_processes(straight, config, tmp_path / "logs")
+    reference = references / "reference_lora"
+    assert _relative_error(_losses(straight), _losses(reference)) <= 1e-5
+    ours, theirs = _trained(straight, "lora"), _trained(reference, "lora")
+    assert max(_relative_error(ours[k], theirs[k]) for k in theirs) <= 1e-5
+
+    def from_step_1(name):  # the run as a kill after its first checkpoint would have left it
+        workdir = tmp_path / name
+        shutil.copytree(straight, workdir)
+        shutil.rmtree(workdir / "export")
+        for step in (2, 3):
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+        return workdir
+
+    resumed = from_step_1("resumed")
+    _two_processes(resumed, config, tmp_path / "logs")
+    again = _trained(resumed, "lora")
+    assert all(np.array_equal(again[k], ours[k]) for k in ours)
+    losses = lambda w: {r["step"]: r["loss"] for r in (json.loads(x) for x in  # noqa: E731
+                                                        (w / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert losses(resumed) == losses(straight)
+
+    one_device = from_step_1("one_device")  # saved on 8 devices in 2 processes, restored on 1
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    trainer.run(config, one_device)
+    restored = _trained(one_device, "lora")
+    assert max(_relative_error(restored[k], theirs[k]) for k in theirs) <= 1e-5
