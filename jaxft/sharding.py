@@ -33,17 +33,20 @@ log = logging.getLogger("jaxft")
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis -> the mesh axes it is split over, in order (None or () = replicated). Weights:
+# Logical axis -> the mesh axes it may be split over, by preference (() = replicated). Weights:
 # FSDP splits the model width, tensor parallelism the heads, the MLP width and the vocabulary
-# (Megatron's column/row split of each block's matmuls). Activations between blocks are split
+# (Megatron's column/row split of each block's matmuls). A second choice is taken only where no
+# other dimension of the array took that axis first: a LoRA B [rank, mlp] has no model-width
+# dimension, so FSDP splits its output dimension instead. Activations between blocks are split
 # over the batch only.
 RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_AXES,
+    "batch_fsdp": ("fsdp",),  # a step on the way to "batch" (models/layers.py, Embed)
     "embed": ("fsdp",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "vocab": ("tensor",),
+    "heads": ("tensor", "fsdp"),
+    "kv_heads": ("tensor", "fsdp"),
+    "mlp": ("tensor", "fsdp"),
+    "vocab": ("tensor", "fsdp"),
     "norm": (),
     "length": (),
     "act_embed": (),
@@ -90,8 +93,8 @@ def _no_fit(sizes, dcn, num_devices, why) -> str:
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
     """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), laid out for the interconnect.
 
-    With `mesh.dcn_data` > 1 the slices (TPU multi-slice; processes where devices
-    name no slice, as on CPU) are outermost on 'data', so only the data-parallel
+    With `mesh.dcn_data` > 1 the slices (TPU multi-slice; processes where the devices
+    are all of one slice, as GPU nodes or CPU hosts) are outermost on 'data', so only the data-parallel
     gradient reduction crosses the slower network between them.
     """
     devices = list(jax.devices() if devices is None else devices)
@@ -101,7 +104,8 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     else:
         per_slice = (shape[0] // dcn, shape[1], shape[2])
-        by_process = not hasattr(devices[0], "slice_index")
+        # TPU slices where there are several; otherwise processes (GPU nodes, CPU hosts) stand in for them.
+        by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
         granules = len({d.process_index for d in devices}) if by_process else len({d.slice_index for d in devices})
         if granules != dcn:
             raise ConfigError(f"mesh.dcn_data={dcn} but the devices come from {granules} "
@@ -117,22 +121,26 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 def spec_for(logical_axes, shape, mesh: Mesh) -> PartitionSpec:
     """The PartitionSpec that `RULES` gives an array of `shape` named `logical_axes` on `mesh`.
 
-    A mesh axis is used once per array, and only where it divides the dimension; a
-    dimension none fits stays whole (replicated), which is always correct, only larger.
+    Every dimension takes its first choice, then the dimensions take their further
+    choices, in order. A mesh axis is used once per array, and only where it divides
+    the dimension; a dimension none fits stays whole (replicated): always correct,
+    only larger.
     """
     if logical_axes is None or len(logical_axes) != len(shape):
         return PartitionSpec()
-    used, spec = set(), []
-    for name, size in zip(logical_axes, shape):
-        chosen = []
-        for axis in RULES.get(name, ()) if name else ():
-            n = mesh.shape[axis]
-            if axis in used or n == 1 or size % (math.prod(mesh.shape[a] for a in chosen) * n):
+    choices = [RULES.get(name, ()) if name else () for name in logical_axes]
+    used, chosen = set(), [[] for _ in shape]
+    for rank in range(max(map(len, choices), default=0)):
+        for dim, size in enumerate(shape):
+            if rank >= len(choices[dim]):
                 continue
-            chosen.append(axis)
+            axis = choices[dim][rank]
+            n = mesh.shape[axis]
+            if axis in used or n == 1 or size % (math.prod(mesh.shape[a] for a in chosen[dim]) * n):
+                continue
+            chosen[dim].append(axis)
             used.add(axis)
-        spec.append(tuple(chosen) if len(chosen) > 1 else chosen[0] if chosen else None)
-    return PartitionSpec(*spec)
+    return PartitionSpec(*(tuple(c) if len(c) > 1 else c[0] if c else None for c in chosen))
 
 
 def _is_variable(x) -> bool:

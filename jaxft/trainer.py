@@ -169,7 +169,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
 
     # QLoRA quantises each layer as it is read, so the float model never exists whole.
     on_param = quant.QuantSpec.from_config(config.peft).on_param if config.peft.method == "qlora" else None
-    model = hf.load_pretrained(config.model.path, dtype=DTYPES[config.model.dtype], on_param=on_param,
+    model = hf.load_pretrained(config.model.path, mesh=mesh, dtype=DTYPES[config.model.dtype], on_param=on_param,
                                param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
     log.info("Trainable parameters (%s):\n%s", method.name,

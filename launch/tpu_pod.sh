@@ -87,8 +87,9 @@ case $cmd in
   run)
     # printf %q quotes each argument for the remote bash, so spaces and quotes arrive unchanged.
     # Each host keeps its own log; pipefail makes the host's exit status python's, not tee's.
+    # JAXFT_DISTRIBUTED=1: jaxft calls jax.distributed.initialize(), which finds the hosts from the TPU metadata.
     # shellcheck disable=SC2016  # $(hostname) expands on each TPU host
-    remote="cd ~/jaxft && mkdir -p logs && set -o pipefail && .venv/bin/python -m jaxft.train$(printf ' %q' "${train_args[@]}")"' 2>&1 | tee logs/worker-$(hostname).log'
+    remote="cd ~/jaxft && mkdir -p logs && set -o pipefail && JAXFT_DISTRIBUTED=1 .venv/bin/python -m jaxft.train$(printf ' %q' "${train_args[@]}")"' 2>&1 | tee logs/worker-$(hostname).log'
     run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$remote"
     ;;
   logs)

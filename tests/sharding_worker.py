@@ -37,13 +37,17 @@ def layout(tree) -> dict:
     return out
 
 
-def init_state(config):
-    """The run's state and frozen weights laid out on its mesh, as `trainer.run` builds them."""
-    model = load_pretrained(config.model.path)
+def init_state(config, loaded_layout=None):
+    """The run's state and frozen weights laid out on its mesh, as `trainer.run` builds them; the
+    layout the weights had straight from the file goes into `loaded_layout`."""
+    mesh = sharding.make_mesh(config.mesh)
+    model = load_pretrained(config.model.path, mesh=mesh)
+    if loaded_layout is not None:
+        loaded_layout.update(layout(nnx.state(model)))
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed))
     _, params, frozen = split_model(model, method.trainable)
     tx = build_optimizer(config.optim, config.train.steps)
-    state, frozen, _, _ = trainer.init_state(params, frozen, tx, sharding.make_mesh(config.mesh))
+    state, frozen, _, _ = trainer.init_state(params, frozen, tx, mesh)
     return state, frozen
 
 
@@ -53,9 +57,10 @@ def main(out_dir: str, cases_json: str) -> None:
     for case in cases:
         config = case_config(case)
         trainer.run(config, out_dir / case["name"])
-        state, frozen = init_state(config)
+        loaded = {}
+        state, frozen = init_state(config, loaded)
         report["cases"][case["name"]] = dict(params=layout(state["params"]), opt_state=layout(state["opt_state"]),
-                                             frozen=layout(frozen))
+                                             frozen=layout(frozen), loaded=loaded)
 
     # Resharding restore: the first case's last checkpoint onto every case's mesh.
     first = cases[0]

@@ -63,6 +63,9 @@ MESH_222 = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
     (("embed", "mlp"), (128, 352), (2, 2, 2), PartitionSpec("fsdp", "tensor")),
     (("vocab", "embed"), (1024, 128), (2, 2, 2), PartitionSpec("tensor", "fsdp")),
     (("embed", "mlp"), (128, 352), (1, 8, 1), PartitionSpec("fsdp", None)),
+    ((None, "mlp"), (8, 352), (1, 8, 1), PartitionSpec(None, "fsdp")),  # LoRA B: no width dim, FSDP takes out
+    ((None, "mlp"), (8, 352), (2, 2, 2), PartitionSpec(None, ("tensor", "fsdp"))),
+    (("mlp", "embed"), (352, 128), (1, 4, 2), PartitionSpec("tensor", "fsdp")),  # first choices first
     (("embed", "mlp"), (128, 351), (1, 4, 2), PartitionSpec("fsdp", None)),  # 351 does not split in 2: whole
     (("embed", "kv_heads"), (128, 64), (1, 4, 2), PartitionSpec("fsdp", "tensor")),
     (("norm",), (128,), (1, 8, 1), PartitionSpec(None)),
@@ -165,11 +168,15 @@ def test_sharded_training_matches_one_device(eight_devices, case):
 
 
 def _expected_spec(axes, mesh):
-    """The spec for logical `axes` on a (data, fsdp, tensor) mesh where every dimension divides."""
+    """The spec for logical `axes` on a (data, fsdp, tensor) mesh where every dimension divides, written
+    out by hand: width over fsdp, MLP width and vocabulary over tensor, and an MLP dimension of an array
+    with no width dimension (LoRA B) over fsdp as well."""
     data, fsdp, tensor = mesh
-    rule = {"embed": "fsdp" if fsdp > 1 else None, "mlp": "tensor" if tensor > 1 else None,
-            "vocab": "tensor" if tensor > 1 else None, None: None}
-    return [rule[a] for a in axes]
+    rule = {"embed": ["fsdp"] if fsdp > 1 else [], "mlp": ["tensor"] if tensor > 1 else [],
+            "vocab": ["tensor"] if tensor > 1 else [], None: []}
+    if "embed" not in axes and fsdp > 1:
+        rule["mlp"] = rule["mlp"] + ["fsdp"]
+    return [rule[a][0] if len(rule[a]) == 1 else rule[a] or None for a in axes]
 
 
 @pytest.mark.slow
@@ -181,7 +188,7 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(eight_devices, 
     if case["method"] == "lora":  # A follows the base kernel's input axis, B its output axis
         a, b, kernel = ("model.layers.0.mlp.gate_proj." + s for s in ("lora_a", "lora_b", "base_layer.kernel"))
         assert got["params"][a] == [_expected_spec(("embed", None), mesh), [128 // n_fsdp, 8]]
-        assert got["params"][b] == [_expected_spec((None, "mlp"), mesh), [8, 352 // n_tensor]]
+        assert got["params"][b] == [_expected_spec((None, "mlp"), mesh), [8, 352 // n_tensor // n_fsdp]]
         assert got["frozen"][kernel] == [_expected_spec(("embed", "mlp"), mesh), [128 // n_fsdp, 352 // n_tensor]]
         trained = [a, b]
     else:
@@ -190,6 +197,9 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(eight_devices, 
         assert got["params"][table] == [_expected_spec(("vocab", "embed"), mesh), [1024 // n_tensor, 128 // n_fsdp]]
         assert got["frozen"] == {}
         trained = [kernel, table]
+    # Straight from the file each weight is already in its shards: no device held the whole model.
+    assert got["loaded"]["model.layers.0.mlp.gate_proj.kernel"] == [_expected_spec(("embed", "mlp"), mesh),
+                                                                    [128 // n_fsdp, 352 // n_tensor]]
     for name in trained:  # the momentum lives where its parameter lives
         moments = [v for k, v in got["opt_state"].items() if k.endswith(name)]
         assert len(moments) == 1 and moments[0] == got["params"][name], (name, moments)
@@ -243,11 +253,13 @@ def _two_processes(workdir, config, logs):
 
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume_as_one(references, tmp_path):
-    """2 processes x 4 devices on a (2, 2, 2) mesh, per-process data rows: the 1-device run's losses and
+    """2 processes x 4 devices on a (2, 2, 2) mesh whose data axis spans the processes as it would span
+    the slices of a multi-slice job (mesh.dcn_data=2), per-process data rows: the 1-device run's losses and
     adapter; resumed from its step-1 checkpoint it continues bitwise as it went; restored on this one
     device it continues as the 1-device run does."""
     import shutil
-    config = case_config(dict(method="lora", mesh=(2, 2, 2)))
+    config = case_config(dict(method="lora", mesh=(1, 2, 2)))
+    config.mesh.dcn_data = 2
     config.checkpoint.every_steps = 1
     straight = tmp_path / "straight"
     _two_processes(straight, config, tmp_path / "logs")
@@ -273,7 +285,7 @@ def test_two_processes_train_checkpoint_and_resume_as_one(references, tmp_path):
     assert losses(resumed) == losses(straight)
 
     one_device = from_step_1("one_device")  # saved on 8 devices in 2 processes, restored on 1
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.dcn_data = 1, -1, 1, 1
     trainer.run(config, one_device)
     restored = _trained(one_device, "lora")
     assert max(_relative_error(restored[k], theirs[k]) for k in theirs) <= 1e-5

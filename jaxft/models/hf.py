@@ -22,12 +22,14 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors' numpy loader reads BF16
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from jaxft import sharding
 from jaxft.errors import ModelLoadError
 from jaxft.models import FAMILIES, get_family
 
@@ -209,15 +211,18 @@ def _untie_if_head_differs(config, files, directory):
     return dataclasses.replace(config, tie_word_embeddings=False)
 
 
-def load_pretrained(path: str | os.PathLike, *, on_param: Callable[[nnx.Module, tuple], None] | None = None,
-                    **config_overrides) -> nnx.Module:
+def load_pretrained(path: str | os.PathLike, *, mesh=None,
+                    on_param: Callable[[nnx.Module, tuple], None] | None = None, **config_overrides) -> nnx.Module:
     """Load a HF causal LM (config.json + safetensors) into the matching NNX model.
 
     `path` is a local directory, or a Hub repo id where the Hub is reachable.
     `config_overrides` go to the family config (e.g. `dtype=jnp.bfloat16,
     param_dtype=jnp.bfloat16, remat=True`). The model is built abstractly and
     filled from the file one tensor at a time, so random initialisation is never
-    paid. `on_param(model, path)` runs after each parameter is filled and may
+    paid. With a `mesh` (jaxft/sharding.py) each tensor goes from the file straight
+    to its shards on the mesh's devices, so no device ever holds the whole model
+    (an 8B model in bfloat16 is 16 GB, a TPU v5e chip's whole memory); without
+    one it lands on the default device. `on_param(model, path)` runs after each parameter is filled and may
     replace the module holding it (QLoRA quantises each layer as it arrives:
     `peft.quant.QuantSpec.on_param`). Missing, unexpected or mis-shaped tensors
     raise ModelLoadError naming them.
@@ -266,11 +271,18 @@ def load_pretrained(path: str | os.PathLike, *, on_param: Callable[[nnx.Module, 
     for name, array in _read_tensors(files, names):
         p, transpose = names[name]
         var = flat.pop(p)  # the model holds it now; a layer `on_param` replaces frees its float weight
-        var.set_value(jnp.asarray(array.T if transpose else array, dtype=var.get_value().dtype))
-        del var, array
+        host = (array.T if transpose else array).astype(var.get_value().dtype, copy=False)
+        var.set_value(jnp.asarray(host) if mesh is None else _on_mesh(host, var, mesh))
+        del var, array, host
         if on_param is not None:
             on_param(model, p)
     return model
+
+
+def _on_mesh(host: np.ndarray, var: nnx.Variable, mesh):
+    """`host` laid out on `mesh` as the variable's logical axes say; each device copies only its shard."""
+    spec = sharding.spec_for(var.get_metadata().get("logical_axes"), host.shape, mesh)
+    return jax.make_array_from_callback(host.shape, jax.sharding.NamedSharding(mesh, spec), lambda i: host[i])
 
 
 def load_tokenizer(path: str | os.PathLike):

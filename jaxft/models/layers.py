@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.sharding import constrain
+
 Dtype = Any
 
 # Masked attention scores get this instead of -inf, so a query that may see no
@@ -89,7 +91,14 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # On a mesh: the table whole along the vocabulary (rows cannot be gathered across its
+        # split), the rows then split by width as the table is, then by batch over the same
+        # 'fsdp' devices (one all-to-all), and the caller adds 'data'. Asked to go from width to
+        # batch split in one step XLA found no direct way and replicated the rows ("involuntary
+        # full rematerialization").
+        table = constrain(self.embedding[...], (None, "embed"))
+        rows = constrain(jnp.take(table, ids, axis=0), (None, None, "embed"))
+        return constrain(rows, ("batch_fsdp", None, None)).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the embedding matrix: `x @ embedding.T`."""
