@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
             targets="all-linear",
             use_rslora=False,  # scale alpha/sqrt(rank) instead of alpha/rank
             use_dora=False,  # lora/qlora: DoRA, a trained magnitude per output feature
+            # lora: the fused Pallas matmul x W + s x A B ("pallas"), XLA's ("xla"), or "auto": Pallas on the
+            # backends where bench/lora_kernel.py measured it faster (none yet), else XLA
+            kernel="auto",
             quant="nf4",  # qlora: the frozen base's storage, "nf4" (4-bit, block absmax) or "int8" (per channel)
             quant_block_size=64,  # qlora nf4: weights per absmax scale
             quant_embeddings=False,  # qlora: also store the token embeddings and the output head quantised
@@ -264,6 +267,7 @@ def validate(config) -> None:
 
 def _validate_peft(config) -> None:
     _choice(config, "peft.quant", ("nf4", "int8"))
+    _choice(config, "peft.kernel", ("auto", "pallas", "xla"))
     _choice(config, "peft.adapter_kind", ("houlsby", "pfeiffer"))
     _choice(config, "peft.prompt_init", ("random", "text"))
     _choice(config, "peft.adapter_activation", ("relu", "gelu", "silu", "tanh"))

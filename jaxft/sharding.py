@@ -254,6 +254,12 @@ def use_mesh(mesh: Mesh):
         _MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh `use_mesh` made active, if it has more than one device."""
+    mesh = _MESH.get()
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
 def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
     """`x` constrained to the layout `RULES` gives `logical_axes` on the active mesh, if any."""
     mesh = _MESH.get()

@@ -30,7 +30,8 @@ class Method:
 
 def lora_config(peft_cfg) -> LoRAConfig:
     return LoRAConfig(rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), dropout=float(peft_cfg.dropout),
-                      targets=peft_cfg.targets, use_rslora=peft_cfg.use_rslora, use_dora=peft_cfg.use_dora)
+                      targets=peft_cfg.targets, use_rslora=peft_cfg.use_rslora, use_dora=peft_cfg.use_dora,
+                      kernel=peft_cfg.kernel)
 
 
 def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> Method:

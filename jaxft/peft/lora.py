@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft import sharding
 from jaxft.errors import AdapterError
+from jaxft.kernels.lora_matmul import lora_matmul, use_pallas
 from jaxft.models.layers import Linear
 from jaxft.peft.quant import QuantizedLinear
 from jaxft.peft.select import TrainableFilter, path_str, set_module
@@ -30,6 +32,7 @@ class LoRAConfig:
     targets: str = "all-linear"  # "all-linear" | "q_proj,v_proj" | "re:<regex over module paths>"
     use_rslora: bool = False
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
+    kernel: str = "auto"  # the fused Pallas matmul (jaxft/kernels/lora_matmul.py): "auto" | "pallas" | "xla"
 
     @property
     def scale(self) -> float:
@@ -63,10 +66,11 @@ class LoRALinear(nnx.Module):
     """
 
     def __init__(self, base_layer: Linear, *, rank: int, scale: float, dropout: float, rngs: nnx.Rngs,
-                 use_dora: bool = False):
+                 use_dora: bool = False, kernel: str = "auto"):
         # `rngs` only initialises A; dropout keys come from the training step.
         self.base_layer = base_layer
         self.scale = scale
+        self.matmul = kernel  # "auto" | "pallas" | "xla": see `_fused`
         # PEFT's default: kaiming-uniform(a=sqrt(5)) for A, which is U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / math.sqrt(base_layer.in_features)
         # A and B are sharded like the base kernel on the dimension they share with it; the rank
@@ -83,6 +87,8 @@ class LoRALinear(nnx.Module):
         self.merged_gain = nnx.data(None)  # set while merged (see merge): what unmerge divides DoRA's weight by
 
     def __call__(self, x):
+        if self.merged_gain is None and self._fused():
+            return self._fused_call(x)
         y = self.base_layer(x)
         if self.merged_gain is not None:  # the update is inside the base kernel
             return y
@@ -101,6 +107,21 @@ class LoRALinear(nnx.Module):
         if self.base_layer.bias is not None:
             h_w = h_w - self.base_layer.bias.get_value().astype(dtype)
         return y + (g - 1) * h_w + g * update
+
+    def _fused(self) -> bool:
+        """Whether the Pallas kernel computes x W + s x A B here: plain LoRA on a float base, no dropout
+        (the kernel reads one x for both terms), and no mesh yet (shard_map over local blocks is to come)."""
+        plain = self.lora_magnitude is None and self.dropout is None and type(self.base_layer) is Linear
+        return plain and sharding.active_mesh() is None and use_pallas(self.matmul)
+
+    def _fused_call(self, x):
+        base, dtype = self.base_layer, self.base_layer.dtype
+        rows = x.reshape(-1, x.shape[-1]).astype(dtype)
+        y = lora_matmul(rows, base.kernel.get_value().astype(dtype), self.lora_a.get_value(),
+                        self.lora_b.get_value(), self.scale, kernel=self.matmul)
+        if base.bias is not None:
+            y = y + base.bias.get_value().astype(dtype)
+        return y.reshape(*x.shape[:-1], base.out_features)
 
     def delta(self):
         """s A B, float32 [in, out]."""
@@ -207,7 +228,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
                                f"({base.in_features} -> {base.out_features}); use a rank <= "
                                f"{min(base.in_features, base.out_features)}.")
         wrapped = LoRALinear(base, rank=config.rank, scale=config.scale, dropout=config.dropout, rngs=rngs,
-                             use_dora=config.use_dora)
+                             use_dora=config.use_dora, kernel=config.kernel)
         set_module(model, name, wrapped)
     return chosen
 

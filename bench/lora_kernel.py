@@ -1,0 +1,108 @@
+"""The fused LoRA Pallas kernel against XLA's unfused `x W + s (x A) B`, forward + backward.
+
+    python bench/lora_kernel.py                      # training shapes and decode shapes, bf16
+    python bench/lora_kernel.py --shapes 8192,4096,4096,16 --iters 50
+
+Imports only jax, numpy and jaxft/kernels/lora_matmul.py (loaded by path), so it runs on
+a machine that has JAX and nothing else: copy the repo, run it. Each measurement:
+warm-up calls, then `--iters` timed calls of a jitted step (value and gradients in x, A, B)
+each ended by `block_until_ready`; medians. The roofline column is the lower bound
+max(flops / peak flops, bytes / bandwidth) for the fused step on the device, where its peak
+figures are known (bf16 dense; see PEAKS). On CPU the kernel runs interpreted: the figures
+say nothing about speed there, so the script asks for --allow-cpu.
+"""
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "jaxft" / "kernels" / "lora_matmul.py"
+_spec = importlib.util.spec_from_file_location("lora_matmul", _PATH)
+lora_kernel = sys.modules["lora_matmul"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lora_kernel)
+
+# Device kind (substring, lower case) -> (bf16 dense FLOP/s, HBM bytes/s), from the vendors' data sheets.
+PEAKS = {
+    "h100": (989e12, 3.35e12),
+    "h200": (989e12, 4.8e12),
+    "a100": (312e12, 2.0e12),
+    "v5 lite": (197e12, 819e9),
+    "v5e": (197e12, 819e9),
+    "v5p": (459e12, 2.76e12),
+    "v6": (918e12, 1.64e12),
+}
+
+TRAINING = [(8192, 2048, 2048, 16), (8192, 4096, 4096, 16)]
+DECODE = [(m, 4096, 4096, 16) for m in (1, 8, 16, 64)]
+
+
+def step_fn(kernel: str, scale: float, blocks):
+    def loss(x, w, a, b):
+        y = lora_kernel.lora_matmul(x, w, a, b, scale, kernel=kernel, blocks=blocks)
+        return jnp.sum(y.astype(jnp.float32))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3)))
+
+
+def time_step(fn, args, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def roofline_seconds(m, k, n, r, itemsize, device) -> float | None:
+    """Lower bound of one fused forward + backward step on `device`, or None where its peaks are unknown."""
+    kind = device.device_kind.lower()
+    peak = next((v for key, v in PEAKS.items() if key in kind), None)
+    if peak is None:
+        return None
+    flops = 2 * m * k * n * 2 + 2 * m * r * (k + n) * 4  # x W and dy W^T; the low-rank products (fwd, dx, dA, dB)
+    # Read x, W, dy twice (forward/backward) and write y, dx once; A, B, xa, g are small.
+    bytes_moved = itemsize * (2 * m * k + 2 * k * n + 2 * m * n + m * n + m * k)
+    return max(flops / peak[0], bytes_moved / peak[1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", help="M,K,N,r[;M,K,N,r...] (default: the training and decode shapes)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--block", default="128,128,128", help="block_m,block_n,block_k")
+    p.add_argument("--allow-cpu", action="store_true")
+    a = p.parse_args(argv)
+    device = jax.devices()[0]
+    if device.platform == "cpu" and not a.allow_cpu:
+        p.error("no accelerator: on CPU the kernel is interpreted and its timing means nothing (--allow-cpu)")
+    shapes = ([tuple(map(int, s.split(","))) for s in a.shapes.split(";")] if a.shapes else TRAINING + DECODE)
+    dtype = jnp.dtype(a.dtype)
+    blocks = lora_kernel.Blocks(*map(int, a.block.split(",")))
+    for m, k, n, r in shapes:
+        keys = jax.random.split(jax.random.key(0), 4)
+        w = (jax.random.normal(keys[1], (k, n)) / np.sqrt(k)).astype(dtype)
+        args = (jax.random.normal(keys[0], (m, k), dtype), w, jax.random.normal(keys[2], (k, r)) / np.sqrt(k),
+                jax.random.normal(keys[3], (r, n)))
+        xla = time_step(step_fn("xla", 2.0, blocks), args, a.warmup, a.iters)
+        fused = time_step(step_fn("pallas", 2.0, blocks), args, a.warmup, a.iters)
+        bound = roofline_seconds(m, k, n, r, dtype.itemsize, device)
+        print(json.dumps(dict(
+            bench="lora_kernel", device=device.device_kind, jax=jax.__version__, dtype=a.dtype,
+            shape=dict(m=m, k=k, n=n, r=r), blocks=a.block, xla_ms=round(1e3 * xla, 4), pallas_ms=round(1e3 * fused, 4),
+            speedup=round(xla / fused, 3), roofline_ms=None if bound is None else round(1e3 * bound, 4),
+            pallas_over_roofline=None if bound is None else round(fused / bound, 2))), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

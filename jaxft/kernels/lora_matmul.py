@@ -1,0 +1,186 @@
+"""Fused LoRA matmul: `y = x @ W + s * (x @ A) @ B` in one Pallas kernel, with a fused backward pass.
+
+Unfused, XLA reads `x` twice (for `x @ W` and `x @ A`), writes `y` and reads it back
+to add the low-rank term. Here each output tile accumulates `x @ W` and `x @ A` from
+the same loaded `x` tiles in float32, adds `s * (x @ A) @ B` in its epilogue and is
+written once. The backward pass is the same kernel on transposed operands:
+`dx = dy @ W^T + s * (dy @ B^T) @ A^T`, whose low-rank accumulator is also what `dA`
+needs (`g = s * dy @ B^T`, `dA = x^T @ g`); `dB = (s * x @ A)^T @ dy` reads `dy` once
+more. `W` is frozen: it gets no gradient.
+
+    y = lora_matmul(x, w, a, b, scale, kernel="pallas")   # x [M, K], w [K, N], a [K, r], b [r, N]
+
+`kernel`: "xla" (`lora_matmul_reference`, plain jnp), "pallas" (the kernel; interpreted
+on CPU), "auto" (Pallas only on the backends listed in `PALLAS_WINS`, where a benchmark
+showed it faster: bench/lora_kernel.py). Shapes that do not divide the blocks are padded
+with zeros, which add nothing to any product, and the padding is cut from the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+KERNELS = ("auto", "pallas", "xla")
+
+# Backends where bench/lora_kernel.py measured the fused kernel faster than XLA on training shapes.
+# Empty until such a measurement is recorded in bench/README.md: "auto" then means XLA.
+PALLAS_WINS: frozenset[str] = frozenset()
+
+_MIN_RANK = 16  # GPU dots need every dimension >= 16; zero columns of A and rows of B add nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes: output rows `m`, output columns `n`, contraction step `k` (TPU: multiples of 8 and 128)."""
+
+    m: int = 128
+    n: int = 128
+    k: int = 128
+
+
+def lora_matmul_reference(x, w, a, b, scale: float):
+    """The XLA reference: `x @ w + scale * (x @ a) @ b`, accumulated in float32, in `x`'s dtype."""
+    f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+    low_rank = (scale * f32(x, a.astype(x.dtype))).astype(x.dtype)
+    return (f32(x, w.astype(x.dtype)) + f32(low_rank, b.astype(x.dtype))).astype(x.dtype)
+
+
+def use_pallas(kernel: str, platform: str | None = None) -> bool:
+    """Whether `kernel` ("auto" | "pallas" | "xla") runs the Pallas kernel on `platform` (default: JAX's)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}; choose one of {KERNELS}")
+    return kernel == "pallas" or (kernel == "auto" and (platform or jax.default_backend()) in PALLAS_WINS)
+
+
+def lora_matmul(x, w, a, b, scale: float, *, kernel: str = "auto", blocks: Blocks = Blocks(),
+                platform: str | None = None, interpret=None):
+    """`x @ w + scale * (x @ a) @ b` for `x` `[M, K]`; Pallas or XLA as `kernel` says (see the module doc).
+
+    `platform` ("cpu", "tpu", "cuda"; default: JAX's default backend) picks the Pallas
+    backend: interpreted on CPU, Mosaic on TPU, Triton on NVIDIA GPUs. `interpret`
+    overrides how (e.g. `pltpu.InterpretParams(uninitialized_memory="nan")` simulates a
+    TPU with unwritten memory poisoned). Differentiable in `x`, `a` and `b`; `w` is
+    treated as frozen (zero gradient).
+    """
+    if not use_pallas(kernel, platform):
+        return lora_matmul_reference(x, w, a, b, scale)
+    platform = platform or jax.default_backend()
+    interpret = (platform == "cpu") if interpret is None else interpret
+    return _fused(x, w, a, b, float(scale), blocks, (platform, interpret))
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(x, w, a, b, scale, blocks, platform):
+    return _fused_fwd(x, w, a, b, scale, blocks, platform)[0]
+
+
+def _fused_fwd(x, w, a, b, scale, blocks, platform):  # platform: (name, interpret)
+    a, b = a.astype(x.dtype), b.astype(x.dtype)
+    y, xa = _low_rank_matmul(x, w, a, b, scale, transposed=False, blocks=blocks, platform=platform)
+    return y, (x, w, a, b, xa)
+
+
+def _fused_bwd(scale, blocks, platform, residuals, dy):
+    x, w, a, b, xa = residuals  # xa = scale * x @ a, float32 [M, r]
+    dy = dy.astype(x.dtype)
+    # dx = dy @ w^T + scale * (dy @ b^T) @ a^T: the forward kernel with every operand transposed;
+    # its low-rank accumulator g = scale * dy @ b^T is dA's other factor.
+    dx, g = _low_rank_matmul(dy, w, b, a, scale, transposed=True, blocks=blocks, platform=platform)
+    f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+    da = f32(x.T, g.astype(x.dtype))
+    db = f32(xa.astype(x.dtype).T, dy)
+    return dx, None, da, db
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def _kernel(x_ref, w_ref, a_ref, b_ref, y_ref, xa_ref, *, scale, block_k, steps, transposed):
+    """One [block_m, block_n] tile of y, and its rows of `scale * x @ a`.
+
+    Not transposed: x [bm, K], w [K, bn], a [K, r], b [r, bn].
+    Transposed (backward): x [bm, K], w [bn, K], a [r, K], b [bn, r]: y = x w^T + s (x a^T) b^T.
+    """
+    contract_rhs = 1 if transposed else 0
+    dims = (((1,), (contract_rhs,)), ((), ()))
+    dot = functools.partial(jax.lax.dot_general, dimension_numbers=dims, preferred_element_type=jnp.float32)
+
+    def step(k, carry):
+        acc, low = carry
+        start = pl.multiple_of(k * block_k, block_k)
+        xs = x_ref[:, pl.ds(start, block_k)]
+        ws = w_ref[:, pl.ds(start, block_k)] if transposed else w_ref[pl.ds(start, block_k), :]
+        as_ = a_ref[:, pl.ds(start, block_k)] if transposed else a_ref[pl.ds(start, block_k), :]
+        return acc + dot(xs, ws), low + dot(xs, as_)
+
+    acc = jnp.zeros((x_ref.shape[0], y_ref.shape[1]), jnp.float32)
+    low = jnp.zeros((x_ref.shape[0], xa_ref.shape[1]), jnp.float32)
+    acc, low = jax.lax.fori_loop(0, steps, step, (acc, low))
+    low = low * scale
+    acc = acc + dot(low.astype(b_ref.dtype), b_ref[...])
+    y_ref[...] = acc.astype(y_ref.dtype)
+    xa_ref[...] = low  # every column tile writes the same rows: identical values, no race to lose
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _low_rank_matmul(x, w, a, b, scale, *, transposed, blocks: Blocks, platform):
+    """Pads to whole tiles, runs the kernel, cuts the padding: (y [M, N], scale * x @ a [M, r] float32).
+
+    Not transposed: w [K, N], a [K, r], b [r, N]. Transposed: w [N, K], a [r, K], b [N, r].
+    """
+    m, k = x.shape
+    n = w.shape[0] if transposed else w.shape[1]
+    r = a.shape[0] if transposed else a.shape[1]
+    bm, bn, bk = min(blocks.m, _round_up(m, 8)), min(blocks.n, _round_up(n, 128)), min(blocks.k, _round_up(k, 128))
+    mp, np_, kp, rp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk), _round_up(max(r, _MIN_RANK), 8)
+    x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
+    if transposed:
+        w, a, b = (jnp.pad(w, ((0, np_ - n), (0, kp - k))), jnp.pad(a, ((0, rp - r), (0, kp - k))),
+                   jnp.pad(b, ((0, np_ - n), (0, rp - r))))
+        w_spec = pl.BlockSpec((bn, kp), lambda i, j: (j, 0))
+        a_spec = pl.BlockSpec((rp, kp), lambda i, j: (0, 0))
+        b_spec = pl.BlockSpec((bn, rp), lambda i, j: (j, 0))
+    else:
+        w, a, b = (jnp.pad(w, ((0, kp - k), (0, np_ - n))), jnp.pad(a, ((0, kp - k), (0, rp - r))),
+                   jnp.pad(b, ((0, rp - r), (0, np_ - n))))
+        w_spec = pl.BlockSpec((kp, bn), lambda i, j: (0, j))
+        a_spec = pl.BlockSpec((kp, rp), lambda i, j: (0, 0))
+        b_spec = pl.BlockSpec((rp, bn), lambda i, j: (0, j))
+    kernel = functools.partial(_kernel, scale=scale, block_k=bk, steps=kp // bk, transposed=transposed)
+    y, xa = pl.pallas_call(
+        kernel,
+        grid=(mp // bm, np_ // bn),
+        in_specs=[pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), w_spec, a_spec, b_spec],
+        out_specs=[pl.BlockSpec((bm, bn), lambda i, j: (i, j)), pl.BlockSpec((bm, rp), lambda i, j: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((mp, np_), x.dtype), jax.ShapeDtypeStruct((mp, rp), jnp.float32)],
+        interpret=platform[1],
+        compiler_params=None if platform[1] else _compiler_params(platform[0]),
+        name="lora_matmul_bwd" if transposed else "lora_matmul",
+    )(x, w, a, b)
+    return y[:m, :n], xa[:m, :r]
+
+
+def _compiler_params(platform: str):
+    if platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        # Columns "arbitrary": every column tile rewrites the same rows of xa, so they must not be split
+        # over the two TensorCores of a chip; rows are independent.
+        return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+    if platform in ("cuda", "gpu"):
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.CompilerParams(num_warps=4, num_stages=2)
+    return None
