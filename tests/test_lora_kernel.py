@@ -11,6 +11,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxft.kernels.lora_matmul import Blocks, lora_matmul, lora_matmul_reference, use_pallas
+from jaxft.peft.quant import quantize_int8
 
 POISONED = pltpu.InterpretParams(uninitialized_memory="nan")
 SMALL = Blocks(m=32, n=128, k=128)  # several tiles in every direction at test sizes
@@ -56,6 +57,20 @@ def test_forward_and_gradients_match_xla(shape, dtype, tol):
         _close(o, r, tol, name)
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=["x".join(map(str, s)) for s in SHAPES[:2]])
+def test_int8_base_dequantised_in_the_kernel_matches_xla(shape, dtype, tol):
+    """QLoRA-int8: codes [K, N] and a scale per output column, dequantised tile by tile in the kernel."""
+    x, w, a, b, dy = _inputs(*shape, dtype, seed=sum(shape) + 1)
+    codes, w_scale = quantize_int8(w.astype(jnp.float32))
+    ours = _forward_and_grads("pallas", x, codes, a, b, dy, 2.0, w_scale=w_scale, blocks=SMALL, interpret=POISONED)
+    reference = _forward_and_grads("xla", x, codes, a, b, dy, 2.0, w_scale=w_scale)
+    for name, o, r in zip(("y", "dx", "dA", "dB"), ours, reference):
+        _close(o, r, tol, name)
+    dequantised = codes.astype(jnp.float32) * w_scale  # and the reference is the dequantised float layer
+    _close(reference[0], lora_matmul_reference(x, dequantised.astype(dtype), a, b, 2.0), tol, "y vs float")
+
+
 def test_reference_is_the_lora_formula_in_float64():
     x, w, a, b, _ = _inputs(40, 96, 80, 8, jnp.float32, seed=3)
     expected = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + 0.5 * (
@@ -69,11 +84,13 @@ def test_the_frozen_weight_gets_no_gradient():
     assert not np.asarray(dw).any()
 
 
+@pytest.mark.parametrize("quantised", [False, True])
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_kernel_lowers_for_accelerators(platform):
+def test_kernel_lowers_for_accelerators(platform, quantised):
     """Forward and backward lower to Mosaic (TPU) and Triton (CUDA) custom calls without the hardware."""
     x, w, a, b, _ = _inputs(256, 512, 384, 16, jnp.bfloat16, seed=5)
-    loss = lambda x, a, b: jnp.sum(lora_matmul(x, w, a, b, 2.0, kernel="pallas",  # noqa: E731
+    w, w_scale = quantize_int8(w.astype(jnp.float32)) if quantised else (w, None)
+    loss = lambda x, a, b: jnp.sum(lora_matmul(x, w, a, b, 2.0, kernel="pallas", w_scale=w_scale,  # noqa: E731
                                                platform=platform).astype(jnp.float32))
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, a, b).lower(lowering_platforms=(platform,))
     text = lowered.as_text()
@@ -88,17 +105,20 @@ def test_dispatch():
         use_pallas("triton")
 
 
-def test_training_with_the_kernel_matches_xla(tmp_path):
-    """The quickstart model, LoRA on every linear layer: three steps with peft.kernel=pallas (interpreted
-    on CPU) give the losses and adapter of peft.kernel=xla. SGD with momentum, as in tests/test_sharding.py:
-    Adam turns float noise in LoRA A's near-zero gradients into lr-sized differences."""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_training_with_the_kernel_matches_xla(tmp_path, method):
+    """The quickstart model, LoRA on every linear layer (qlora: over an int8 base): three steps with
+    peft.kernel=pallas (interpreted on CPU) give the losses and adapter of peft.kernel=xla. SGD with
+    momentum, as in tests/test_sharding.py: Adam turns float noise in LoRA A's near-zero gradients into
+    lr-sized differences."""
     from safetensors.numpy import load_file
 
     from jaxft import trainer
     from tests.test_trainer import small_config
     runs = {}
     for kernel in ("xla", "pallas"):
-        trainer.run(small_config(**{"peft.kernel": kernel, "train.steps": 3, "train.log_every_steps": 1,
+        trainer.run(small_config(**{"peft.kernel": kernel, "peft.method": method, "peft.quant": "int8",
+                                    "train.steps": 3, "train.log_every_steps": 1,
                                     "eval.every_steps": 0, "eval.max_batches": 1, "optim.name": "sgd",
                                     "optim.momentum": 0.9, "optim.lr": 0.05}), tmp_path / kernel)
         lines = (tmp_path / kernel / "metrics.jsonl").read_text().splitlines()
@@ -110,7 +130,8 @@ def test_training_with_the_kernel_matches_xla(tmp_path):
 
 
 def test_the_kernel_is_used_where_asked(monkeypatch):
-    """A LoRA layer with kernel=pallas calls the kernel; one with dropout (or DoRA) keeps the XLA path."""
+    """A LoRA layer with kernel=pallas calls the kernel, also over an int8 base; with dropout, or over an
+    NF4 base, it keeps the XLA path."""
     from flax import nnx
 
     from jaxft.kernels import lora_matmul as module
@@ -121,11 +142,16 @@ def test_the_kernel_is_used_where_asked(monkeypatch):
     x = jnp.ones((2, 3, 16))
     plain = lora.LoRALinear(Linear(16, 8, rngs=nnx.Rngs(0)), rank=4, scale=1.0, dropout=0.0, rngs=nnx.Rngs(1),
                             kernel="pallas")
-    assert plain(x).shape == (2, 3, 8) and calls == [{"kernel": "pallas"}]
+    assert plain(x).shape == (2, 3, 8) and [c["kernel"] for c in calls] == ["pallas"]
     with_dropout = lora.LoRALinear(Linear(16, 8, rngs=nnx.Rngs(0)), rank=4, scale=1.0, dropout=0.1,
                                    rngs=nnx.Rngs(1), kernel="pallas")
     with_dropout(x)
     assert len(calls) == 1
+    from jaxft.peft.quant import QuantizedLinear
+    for kind, used in (("int8", 2), ("nf4", 2)):
+        base = QuantizedLinear.from_linear(Linear(16, 8, rngs=nnx.Rngs(0)), kind=kind, block_size=8)
+        lora.LoRALinear(base, rank=4, scale=1.0, dropout=0.0, rngs=nnx.Rngs(1), kernel="pallas")(x)
+        assert len(calls) == used, kind
 
 
 def test_benchmark_runs_and_reports_both_sides():

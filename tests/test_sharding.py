@@ -109,7 +109,9 @@ def case_config(case: dict):
     data, fsdp, tensor = case.get("mesh", (1, 1, 1))
     return small_config(**{"train.steps": STEPS, "train.batch_size": 8, "train.log_every_steps": 1,
                            "eval.every_steps": 0, "eval.max_batches": 1, "checkpoint.every_steps": STEPS,
-                           "peft.method": case["method"], "optim.name": "sgd", "optim.momentum": 0.9,
+                           "peft.method": case["method"], "peft.kernel": case.get("kernel", "auto"),
+                           "peft.quant": "int8",  # qlora cases
+                           "optim.name": "sgd", "optim.momentum": 0.9,
                            "optim.lr": 0.05, "optim.weight_decay": 0.01,
                            "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
 
@@ -117,6 +119,10 @@ def case_config(case: dict):
 CASES = [dict(name=f"{method}_{'x'.join(map(str, mesh))}", method=method, mesh=mesh)
          for method, mesh in [("lora", (8, 1, 1)), ("lora", (1, 8, 1)), ("lora", (2, 2, 2)), ("lora", (1, 4, 2)),
                               ("full", (1, 8, 1)), ("full", (2, 2, 2))]]
+# The fused Pallas kernel (interpreted) through shard_map: column- and row-parallel layers on 'tensor',
+# over a float base and over an int8 one (dequantised in the kernel).
+CASES += [dict(name="lora_pallas_1x4x2", method="lora", mesh=(1, 4, 2), kernel="pallas"),
+          dict(name="qlora_pallas_2x2x2", method="qlora", mesh=(2, 2, 2), kernel="pallas")]
 
 
 def _losses(workdir):
@@ -126,7 +132,7 @@ def _losses(workdir):
 
 
 def _trained(workdir, method):
-    name = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    name = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
     return load_file(str(workdir / "export" / name))
 
 
@@ -138,7 +144,7 @@ def _relative_error(a, b):
 def references(tmp_path_factory):
     """The 1-device runs, in this process, that every sharded run must match."""
     root = tmp_path_factory.mktemp("sharded")
-    for method in ("lora", "full"):
+    for method in ("lora", "full", "qlora"):
         trainer.run(case_config(dict(method=method)), root / f"reference_{method}")
     return root
 
@@ -185,6 +191,10 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(eight_devices, 
     _, report = eight_devices
     got, mesh = report["cases"][case["name"]], case["mesh"]
     n_fsdp, n_tensor = mesh[1], mesh[2]
+    if case["method"] == "qlora":  # the int8 codes are laid out as the float kernel would be
+        codes = "model.layers.0.mlp.gate_proj.base_layer.codes"
+        assert got["frozen"][codes] == [_expected_spec(("embed", "mlp"), mesh), [128 // n_fsdp, 352 // n_tensor]]
+        return
     if case["method"] == "lora":  # A follows the base kernel's input axis, B its output axis
         a, b, kernel = ("model.layers.0.mlp.gate_proj." + s for s in ("lora_a", "lora_b", "base_layer.kernel"))
         assert got["params"][a] == [_expected_spec(("embed", None), mesh), [128 // n_fsdp, 8]]

@@ -6,9 +6,12 @@ the same loaded `x` tiles in float32, adds `s * (x @ A) @ B` in its epilogue and
 written once. The backward pass is the same kernel on transposed operands:
 `dx = dy @ W^T + s * (dy @ B^T) @ A^T`, whose low-rank accumulator is also what `dA`
 needs (`g = s * dy @ B^T`, `dA = x^T @ g`); `dB = (s * x @ A)^T @ dy` reads `dy` once
-more. `W` is frozen: it gets no gradient.
+more. `W` is frozen: it gets no gradient. QLoRA-int8: `W` int8 with a float scale per
+output column (`w_scale`), dequantised tile by tile inside the kernel, so the float
+weight never exists in memory.
 
     y = lora_matmul(x, w, a, b, scale, kernel="pallas")   # x [M, K], w [K, N], a [K, r], b [r, N]
+    y = lora_matmul(x, codes, a, b, scale, w_scale=s_n)    # codes int8 [K, N], s_n [N]
 
 `kernel`: "xla" (`lora_matmul_reference`, plain jnp), "pallas" (the kernel; interpreted
 on CPU), "auto" (Pallas only on the backends listed in `PALLAS_WINS`, where a benchmark
@@ -43,9 +46,12 @@ class Blocks:
     k: int = 128
 
 
-def lora_matmul_reference(x, w, a, b, scale: float):
-    """The XLA reference: `x @ w + scale * (x @ a) @ b`, accumulated in float32, in `x`'s dtype."""
+def lora_matmul_reference(x, w, a, b, scale: float, w_scale=None):
+    """The XLA reference: `x @ w + scale * (x @ a) @ b`, accumulated in float32, in `x`'s dtype
+    (`w` = int8 codes x `w_scale` per column when given)."""
     f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+    if w_scale is not None:
+        w = w.astype(jnp.float32) * w_scale[None, :]
     low_rank = (scale * f32(x, a.astype(x.dtype))).astype(x.dtype)
     return (f32(x, w.astype(x.dtype)) + f32(low_rank, b.astype(x.dtype))).astype(x.dtype)
 
@@ -57,7 +63,7 @@ def use_pallas(kernel: str, platform: str | None = None) -> bool:
     return kernel == "pallas" or (kernel == "auto" and (platform or jax.default_backend()) in PALLAS_WINS)
 
 
-def lora_matmul(x, w, a, b, scale: float, *, kernel: str = "auto", blocks: Blocks = Blocks(),
+def lora_matmul(x, w, a, b, scale: float, *, w_scale=None, kernel: str = "auto", blocks: Blocks = Blocks(),
                 platform: str | None = None, interpret=None):
     """`x @ w + scale * (x @ a) @ b` for `x` `[M, K]`; Pallas or XLA as `kernel` says (see the module doc).
 
@@ -65,39 +71,41 @@ def lora_matmul(x, w, a, b, scale: float, *, kernel: str = "auto", blocks: Block
     backend: interpreted on CPU, Mosaic on TPU, Triton on NVIDIA GPUs. `interpret`
     overrides how (e.g. `pltpu.InterpretParams(uninitialized_memory="nan")` simulates a
     TPU with unwritten memory poisoned). Differentiable in `x`, `a` and `b`; `w` is
-    treated as frozen (zero gradient).
+    treated as frozen (zero gradient), and so is `w_scale`.
     """
     if not use_pallas(kernel, platform):
-        return lora_matmul_reference(x, w, a, b, scale)
+        return lora_matmul_reference(x, w, a, b, scale, w_scale)
     platform = platform or jax.default_backend()
     interpret = (platform == "cpu") if interpret is None else interpret
-    return _fused(x, w, a, b, float(scale), blocks, (platform, interpret))
+    if w_scale is None:  # float W: a unit scale keeps one kernel for both (one multiply per tile)
+        w_scale = jnp.ones((w.shape[1],), jnp.float32)
+    return _fused(x, w, w_scale.astype(jnp.float32), a, b, float(scale), blocks, (platform, interpret))
 
 
 # ----------------------------------------------------------------------------- custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(x, w, a, b, scale, blocks, platform):
-    return _fused_fwd(x, w, a, b, scale, blocks, platform)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused(x, w, w_scale, a, b, scale, blocks, platform):
+    return _fused_fwd(x, w, w_scale, a, b, scale, blocks, platform)[0]
 
 
-def _fused_fwd(x, w, a, b, scale, blocks, platform):  # platform: (name, interpret)
+def _fused_fwd(x, w, w_scale, a, b, scale, blocks, platform):  # platform: (name, interpret)
     a, b = a.astype(x.dtype), b.astype(x.dtype)
-    y, xa = _low_rank_matmul(x, w, a, b, scale, transposed=False, blocks=blocks, platform=platform)
-    return y, (x, w, a, b, xa)
+    y, xa = _low_rank_matmul(x, w, w_scale, a, b, scale, transposed=False, blocks=blocks, platform=platform)
+    return y, (x, w, w_scale, a, b, xa)
 
 
 def _fused_bwd(scale, blocks, platform, residuals, dy):
-    x, w, a, b, xa = residuals  # xa = scale * x @ a, float32 [M, r]
+    x, w, w_scale, a, b, xa = residuals  # xa = scale * x @ a, float32 [M, r]
     dy = dy.astype(x.dtype)
     # dx = dy @ w^T + scale * (dy @ b^T) @ a^T: the forward kernel with every operand transposed;
     # its low-rank accumulator g = scale * dy @ b^T is dA's other factor.
-    dx, g = _low_rank_matmul(dy, w, b, a, scale, transposed=True, blocks=blocks, platform=platform)
+    dx, g = _low_rank_matmul(dy, w, w_scale, b, a, scale, transposed=True, blocks=blocks, platform=platform)
     f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
     da = f32(x.T, g.astype(x.dtype))
     db = f32(xa.astype(x.dtype).T, dy)
-    return dx, None, da, db
+    return dx, None, None, da, db
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -106,11 +114,12 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _kernel(x_ref, w_ref, a_ref, b_ref, y_ref, xa_ref, *, scale, block_k, steps, transposed):
+def _kernel(x_ref, w_ref, ws_ref, a_ref, b_ref, y_ref, xa_ref, *, scale, block_k, steps, transposed):
     """One [block_m, block_n] tile of y, and its rows of `scale * x @ a`.
 
-    Not transposed: x [bm, K], w [K, bn], a [K, r], b [r, bn].
-    Transposed (backward): x [bm, K], w [bn, K], a [r, K], b [bn, r]: y = x w^T + s (x a^T) b^T.
+    Not transposed: x [bm, K], w [K, bn], w_scale [1, bn], a [K, r], b [r, bn].
+    Transposed (backward): x [bm, K], w [bn, K], w_scale [1, K], a [r, K], b [bn, r]:
+    y = x (w diag(w_scale))^T + s (x a^T) b^T.
     """
     contract_rhs = 1 if transposed else 0
     dims = (((1,), (contract_rhs,)), ((), ()))
@@ -120,7 +129,11 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, y_ref, xa_ref, *, scale, block_k, steps,
         acc, low = carry
         start = pl.multiple_of(k * block_k, block_k)
         xs = x_ref[:, pl.ds(start, block_k)]
-        ws = w_ref[:, pl.ds(start, block_k)] if transposed else w_ref[pl.ds(start, block_k), :]
+        if transposed:  # W's columns are the contraction here: dequantise the tile by its slice of scales
+            ws = (w_ref[:, pl.ds(start, block_k)].astype(jnp.float32) * ws_ref[:, pl.ds(start, block_k)])
+        else:
+            ws = w_ref[pl.ds(start, block_k), :].astype(jnp.float32) * ws_ref[...]
+        ws = ws.astype(xs.dtype)
         as_ = a_ref[:, pl.ds(start, block_k)] if transposed else a_ref[pl.ds(start, block_k), :]
         return acc + dot(xs, ws), low + dot(xs, as_)
 
@@ -137,10 +150,11 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _low_rank_matmul(x, w, a, b, scale, *, transposed, blocks: Blocks, platform):
+def _low_rank_matmul(x, w, w_scale, a, b, scale, *, transposed, blocks: Blocks, platform):
     """Pads to whole tiles, runs the kernel, cuts the padding: (y [M, N], scale * x @ a [M, r] float32).
 
-    Not transposed: w [K, N], a [K, r], b [r, N]. Transposed: w [N, K], a [r, K], b [N, r].
+    Not transposed: w [K, N], w_scale [N], a [K, r], b [r, N].
+    Transposed: w [N, K], w_scale [K] (W's columns), a [r, K], b [N, r].
     """
     m, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
@@ -151,26 +165,30 @@ def _low_rank_matmul(x, w, a, b, scale, *, transposed, blocks: Blocks, platform)
     if transposed:
         w, a, b = (jnp.pad(w, ((0, np_ - n), (0, kp - k))), jnp.pad(a, ((0, rp - r), (0, kp - k))),
                    jnp.pad(b, ((0, np_ - n), (0, rp - r))))
+        w_scale = jnp.pad(w_scale, (0, kp - k))[None, :]
         w_spec = pl.BlockSpec((bn, kp), lambda i, j: (j, 0))
+        ws_spec = pl.BlockSpec((1, kp), lambda i, j: (0, 0))
         a_spec = pl.BlockSpec((rp, kp), lambda i, j: (0, 0))
         b_spec = pl.BlockSpec((bn, rp), lambda i, j: (j, 0))
     else:
         w, a, b = (jnp.pad(w, ((0, kp - k), (0, np_ - n))), jnp.pad(a, ((0, kp - k), (0, rp - r))),
                    jnp.pad(b, ((0, rp - r), (0, np_ - n))))
+        w_scale = jnp.pad(w_scale, (0, np_ - n))[None, :]
         w_spec = pl.BlockSpec((kp, bn), lambda i, j: (0, j))
+        ws_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
         a_spec = pl.BlockSpec((kp, rp), lambda i, j: (0, 0))
         b_spec = pl.BlockSpec((rp, bn), lambda i, j: (0, j))
     kernel = functools.partial(_kernel, scale=scale, block_k=bk, steps=kp // bk, transposed=transposed)
     y, xa = pl.pallas_call(
         kernel,
         grid=(mp // bm, np_ // bn),
-        in_specs=[pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), w_spec, a_spec, b_spec],
+        in_specs=[pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), w_spec, ws_spec, a_spec, b_spec],
         out_specs=[pl.BlockSpec((bm, bn), lambda i, j: (i, j)), pl.BlockSpec((bm, rp), lambda i, j: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((mp, np_), x.dtype), jax.ShapeDtypeStruct((mp, rp), jnp.float32)],
         interpret=platform[1],
         compiler_params=None if platform[1] else _compiler_params(platform[0]),
         name="lora_matmul_bwd" if transposed else "lora_matmul",
-    )(x, w, a, b)
+    )(x, w, w_scale, a, b)
     return y[:m, :n], xa[:m, :r]
 
 

@@ -6,6 +6,7 @@ A starts random and B at zero, so step-0 outputs equal the base model's exactly.
 """
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -109,16 +110,27 @@ class LoRALinear(nnx.Module):
         return y + (g - 1) * h_w + g * update
 
     def _fused(self) -> bool:
-        """Whether the Pallas kernel computes x W + s x A B here: plain LoRA on a float base, no dropout
-        (the kernel reads one x for both terms), and no mesh yet (shard_map over local blocks is to come)."""
-        plain = self.lora_magnitude is None and self.dropout is None and type(self.base_layer) is Linear
-        return plain and sharding.active_mesh() is None and use_pallas(self.matmul)
+        """Whether the Pallas kernel computes x W + s x A B here: plain LoRA (no DoRA, no dropout: the
+        kernel reads one x for both terms) on a float base or an int8 one (dequantised in the kernel)."""
+        base = self.base_layer
+        int8 = isinstance(base, QuantizedLinear) and base.kind == "int8"
+        plain = self.lora_magnitude is None and self.dropout is None and (type(base) is Linear or int8)
+        return plain and use_pallas(self.matmul)
 
     def _fused_call(self, x):
         base, dtype = self.base_layer, self.base_layer.dtype
         rows = x.reshape(-1, x.shape[-1]).astype(dtype)
-        y = lora_matmul(rows, base.kernel.get_value().astype(dtype), self.lora_a.get_value(),
-                        self.lora_b.get_value(), self.scale, kernel=self.matmul)
+        if isinstance(base, QuantizedLinear):
+            kernel, w_scale = base.codes.get_value(), base.scales.get_value()
+        else:
+            kernel, w_scale = base.kernel.get_value().astype(dtype), jnp.ones((base.out_features,), jnp.float32)
+        fused = functools.partial(lora_matmul, scale=self.scale, kernel=self.matmul)
+        mesh = sharding.active_mesh()
+        if mesh is None:
+            y = fused(rows, kernel, self.lora_a.get_value(), self.lora_b.get_value(), w_scale=w_scale)
+        else:
+            y = _fused_on_mesh(fused, mesh, rows, kernel, w_scale, self.lora_a.get_value(), self.lora_b.get_value(),
+                               kernel_axes(base))
         if base.bias is not None:
             y = y + base.bias.get_value().astype(dtype)
         return y.reshape(*x.shape[:-1], base.out_features)
@@ -161,6 +173,26 @@ class LoRALinear(nnx.Module):
         restored = kernel.astype(jnp.float32) / self.merged_gain.get_value()[None, :] - self.delta()
         self.base_layer.kernel.set_value(restored.astype(kernel.dtype))
         self.merged_gain = nnx.data(None)
+
+
+def _fused_on_mesh(fused, mesh, rows, kernel, w_scale, a, b, axes):
+    """The kernel on each device's local blocks (shard_map), the layout chosen by where the rules put
+    'tensor' on the kernel: column-parallel (output split) needs no reduction; row-parallel (input split)
+    sums the partial y = x_l W_l + s (x_l A_l) B over 'tensor', which is exact because the low-rank term
+    is linear in x A. FSDP's split of the weights is gathered before the call, as FSDP does anyway."""
+    spec = sharding.spec_for(axes, kernel.shape, mesh)
+    split = lambda entry: "tensor" if entry == "tensor" or (isinstance(entry, tuple) and "tensor" in entry) else None  # noqa: E731
+    rows_axis, in_split, out_split = sharding.BATCH_AXES, split(spec[0]), split(spec[1])
+    P = jax.sharding.PartitionSpec
+
+    def local(x, w, w_scale, a, b):
+        y = fused(x, w, a, b, w_scale=w_scale)
+        return jax.lax.psum(y, "tensor") if in_split else y
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False,
+                         in_specs=(P(rows_axis, in_split), P(in_split, out_split), P(out_split), P(in_split, None),
+                                   P(None, out_split)),
+                         out_specs=P(rows_axis, out_split))(rows, kernel, w_scale, a, b)
 
 
 class MergedGain(nnx.Variable):
