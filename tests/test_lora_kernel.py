@@ -1,6 +1,7 @@
 """The fused LoRA Pallas kernel (jaxft/kernels/lora_matmul.py) against its XLA reference, run as a
-simulated TPU (Pallas' TPU interpret mode, uninitialised memory poisoned with NaN), and lowered for
-TPU and CUDA from this CPU. Inputs are random and every output element nonzero, so a tile the kernel
+simulated TPU (Pallas' TPU interpret mode, uninitialised memory poisoned with NaN: the TPU form, a grid
+over the contraction) and interpreted plainly (the GPU form, a loop over it), and lowered for TPU and
+CUDA from this CPU. Inputs are random and every output element nonzero, so a tile the kernel
 failed to write cannot match (checked once by guarding the write of y with `pl.when(i == 0)`: y off
 by 1.4x its largest value)."""
 
@@ -55,6 +56,18 @@ def test_forward_and_gradients_match_xla(shape, dtype, tol):
     for name, o, r in zip(("y", "dx", "dA", "dB"), ours, reference):
         assert o.shape == r.shape and o.dtype == r.dtype, (name, o.shape, r.shape, o.dtype, r.dtype)
         _close(o, r, tol, name)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_gpu_form_of_the_kernel_matches_xla(shape):
+    """The form that loops over the contraction inside the kernel (Triton's; plain interpretation runs it)."""
+    x, w, a, b, dy = _inputs(*shape, jnp.float32, seed=sum(shape) + 2)
+    codes, w_scale = quantize_int8(w)
+    for weight, scales in ((w, None), (codes, w_scale)):
+        ours = _forward_and_grads("pallas", x, weight, a, b, dy, 2.0, w_scale=scales, blocks=SMALL, interpret=True)
+        reference = _forward_and_grads("xla", x, weight, a, b, dy, 2.0, w_scale=scales)
+        for name, o, r in zip(("y", "dx", "dA", "dB"), ours, reference):
+            _close(o, r, 2e-5, name)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])

@@ -114,36 +114,68 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _kernel(x_ref, w_ref, ws_ref, a_ref, b_ref, y_ref, xa_ref, *, scale, block_k, steps, transposed):
-    """One [block_m, block_n] tile of y, and its rows of `scale * x @ a`.
+def _dot(transposed: bool):
+    """Row-block @ tile, float32 accumulation; `transposed`: the right operand is stored [out, contraction]."""
+    dims = (((1,), (1 if transposed else 0,)), ((), ()))
+    return functools.partial(jax.lax.dot_general, dimension_numbers=dims, preferred_element_type=jnp.float32)
+
+
+def _dequantised(w_tile, scale_tile, dtype):
+    """A W tile times its scales (per output column; along the contraction when transposed), in `dtype`."""
+    return (w_tile.astype(jnp.float32) * scale_tile).astype(dtype)
+
+
+def _epilogue(acc, low, b, scale, y_ref, xa_ref, transposed):
+    """y = x W + (scale * x A) B, written once; `scale * x A` kept for the backward pass."""
+    low = low * scale
+    y_ref[...] = (acc + _dot(transposed)(low.astype(b.dtype), b)).astype(y_ref.dtype)
+    xa_ref[...] = low  # every column tile writes the same rows: identical values, no race to lose
+
+
+def _loop_kernel(x_ref, w_ref, ws_ref, a_ref, b_ref, y_ref, xa_ref, *, scale, block_k, steps, transposed):
+    """GPU (Triton) and plain interpretation: one [block_m, block_n] tile of y, looping over the
+    contraction inside the kernel (Triton has no accumulator that outlives a grid step).
 
     Not transposed: x [bm, K], w [K, bn], w_scale [1, bn], a [K, r], b [r, bn].
     Transposed (backward): x [bm, K], w [bn, K], w_scale [1, K], a [r, K], b [bn, r]:
     y = x (w diag(w_scale))^T + s (x a^T) b^T.
     """
-    contract_rhs = 1 if transposed else 0
-    dims = (((1,), (contract_rhs,)), ((), ()))
-    dot = functools.partial(jax.lax.dot_general, dimension_numbers=dims, preferred_element_type=jnp.float32)
+    dot = _dot(transposed)
 
     def step(k, carry):
         acc, low = carry
-        start = pl.multiple_of(k * block_k, block_k)
-        xs = x_ref[:, pl.ds(start, block_k)]
-        if transposed:  # W's columns are the contraction here: dequantise the tile by its slice of scales
-            ws = (w_ref[:, pl.ds(start, block_k)].astype(jnp.float32) * ws_ref[:, pl.ds(start, block_k)])
+        cut = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
+        xs = x_ref[:, cut]
+        if transposed:  # W's columns are the contraction here: its scales are sliced with it
+            ws, as_ = _dequantised(w_ref[:, cut], ws_ref[:, cut], xs.dtype), a_ref[:, cut]
         else:
-            ws = w_ref[pl.ds(start, block_k), :].astype(jnp.float32) * ws_ref[...]
-        ws = ws.astype(xs.dtype)
-        as_ = a_ref[:, pl.ds(start, block_k)] if transposed else a_ref[pl.ds(start, block_k), :]
+            ws, as_ = _dequantised(w_ref[cut, :], ws_ref[...], xs.dtype), a_ref[cut, :]
         return acc + dot(xs, ws), low + dot(xs, as_)
 
     acc = jnp.zeros((x_ref.shape[0], y_ref.shape[1]), jnp.float32)
     low = jnp.zeros((x_ref.shape[0], xa_ref.shape[1]), jnp.float32)
     acc, low = jax.lax.fori_loop(0, steps, step, (acc, low))
-    low = low * scale
-    acc = acc + dot(low.astype(b_ref.dtype), b_ref[...])
-    y_ref[...] = acc.astype(y_ref.dtype)
-    xa_ref[...] = low  # every column tile writes the same rows: identical values, no race to lose
+    _epilogue(acc, low, b_ref[...], scale, y_ref, xa_ref, transposed)
+
+
+def _grid_kernel(x_ref, w_ref, ws_ref, a_ref, b_ref, y_ref, xa_ref, acc_ref, low_ref, *, scale, transposed):
+    """TPU (Mosaic): the contraction is the grid's last axis, the accumulators live in VMEM scratch, so
+    only [block_m, block_k] and [block_k, block_n] tiles are resident, whatever K is."""
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        low_ref[...] = jnp.zeros_like(low_ref)
+
+    xs = x_ref[...]
+    dot = _dot(transposed)
+    acc_ref[...] += dot(xs, _dequantised(w_ref[...], ws_ref[...], xs.dtype))
+    low_ref[...] += dot(xs, a_ref[...])
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _():
+        _epilogue(acc_ref[...], low_ref[...], b_ref[...], scale, y_ref, xa_ref, transposed)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -155,6 +187,7 @@ def _low_rank_matmul(x, w, w_scale, a, b, scale, *, transposed, blocks: Blocks, 
 
     Not transposed: w [K, N], w_scale [N], a [K, r], b [r, N].
     Transposed: w [N, K], w_scale [K] (W's columns), a [r, K], b [N, r].
+    `platform`: (name, interpret); TPU, or interpretation as a TPU, runs `_grid_kernel`, the rest `_loop_kernel`.
     """
     m, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
@@ -166,38 +199,68 @@ def _low_rank_matmul(x, w, w_scale, a, b, scale, *, transposed, blocks: Blocks, 
         w, a, b = (jnp.pad(w, ((0, np_ - n), (0, kp - k))), jnp.pad(a, ((0, rp - r), (0, kp - k))),
                    jnp.pad(b, ((0, np_ - n), (0, rp - r))))
         w_scale = jnp.pad(w_scale, (0, kp - k))[None, :]
-        w_spec = pl.BlockSpec((bn, kp), lambda i, j: (j, 0))
-        ws_spec = pl.BlockSpec((1, kp), lambda i, j: (0, 0))
-        a_spec = pl.BlockSpec((rp, kp), lambda i, j: (0, 0))
-        b_spec = pl.BlockSpec((bn, rp), lambda i, j: (j, 0))
     else:
         w, a, b = (jnp.pad(w, ((0, kp - k), (0, np_ - n))), jnp.pad(a, ((0, kp - k), (0, rp - r))),
                    jnp.pad(b, ((0, rp - r), (0, np_ - n))))
         w_scale = jnp.pad(w_scale, (0, np_ - n))[None, :]
-        w_spec = pl.BlockSpec((kp, bn), lambda i, j: (0, j))
-        ws_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
-        a_spec = pl.BlockSpec((kp, rp), lambda i, j: (0, 0))
-        b_spec = pl.BlockSpec((rp, bn), lambda i, j: (0, j))
-    kernel = functools.partial(_kernel, scale=scale, block_k=bk, steps=kp // bk, transposed=transposed)
+    name, interpret = platform
+    tpu = name == "tpu" or _is_tpu_interpretation(interpret)
+    tiles = ((mp, bm), (np_, bn), (kp, bk), rp)
+    grid, in_specs, out_specs, extra = (_grid_specs if tpu else _loop_specs)(tiles, transposed)
+    kernel = (functools.partial(_grid_kernel, scale=scale, transposed=transposed) if tpu else
+              functools.partial(_loop_kernel, scale=scale, block_k=bk, steps=kp // bk, transposed=transposed))
     y, xa = pl.pallas_call(
-        kernel,
-        grid=(mp // bm, np_ // bn),
-        in_specs=[pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), w_spec, ws_spec, a_spec, b_spec],
-        out_specs=[pl.BlockSpec((bm, bn), lambda i, j: (i, j)), pl.BlockSpec((bm, rp), lambda i, j: (i, 0))],
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((mp, np_), x.dtype), jax.ShapeDtypeStruct((mp, rp), jnp.float32)],
-        interpret=platform[1],
-        compiler_params=None if platform[1] else _compiler_params(platform[0]),
-        name="lora_matmul_bwd" if transposed else "lora_matmul",
+        interpret=interpret, compiler_params=None if interpret else _compiler_params(name),
+        name="lora_matmul_bwd" if transposed else "lora_matmul", **extra,
     )(x, w, w_scale, a, b)
     return y[:m, :n], xa[:m, :r]
 
+
+def _loop_specs(tiles, transposed):
+    """Grid (rows, columns); x, W and A whole along the contraction (`_loop_kernel` walks it)."""
+    (mp, bm), (np_, bn), (kp, _), rp = tiles
+    if transposed:
+        w, ws, a, b = (((bn, kp), lambda i, j: (j, 0)), ((1, kp), lambda i, j: (0, 0)),
+                       ((rp, kp), lambda i, j: (0, 0)), ((bn, rp), lambda i, j: (j, 0)))
+    else:
+        w, ws, a, b = (((kp, bn), lambda i, j: (0, j)), ((1, bn), lambda i, j: (0, j)),
+                       ((kp, rp), lambda i, j: (0, 0)), ((rp, bn), lambda i, j: (0, j)))
+    in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0))] + [pl.BlockSpec(*spec) for spec in (w, ws, a, b)]
+    out_specs = [pl.BlockSpec((bm, bn), lambda i, j: (i, j)), pl.BlockSpec((bm, rp), lambda i, j: (i, 0))]
+    return (mp // bm, np_ // bn), in_specs, out_specs, {}
+
+
+def _grid_specs(tiles, transposed):
+    """Grid (rows, columns, contraction), tiles of everything, float32 accumulators in VMEM."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    (mp, bm), (np_, bn), (kp, bk), rp = tiles
+    if transposed:
+        w, ws, a, b = (((bn, bk), lambda i, j, k: (j, k)), ((1, bk), lambda i, j, k: (0, k)),
+                       ((rp, bk), lambda i, j, k: (0, k)), ((bn, rp), lambda i, j, k: (j, 0)))
+    else:
+        w, ws, a, b = (((bk, bn), lambda i, j, k: (k, j)), ((1, bn), lambda i, j, k: (0, j)),
+                       ((bk, rp), lambda i, j, k: (k, 0)), ((rp, bn), lambda i, j, k: (0, j)))
+    in_specs = [pl.BlockSpec((bm, bk), lambda i, j, k: (i, k))] + [pl.BlockSpec(*spec) for spec in (w, ws, a, b)]
+    out_specs = [pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)), pl.BlockSpec((bm, rp), lambda i, j, k: (i, 0))]
+    scratch = [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bm, rp), jnp.float32)]
+    return (mp // bm, np_ // bn, kp // bk), in_specs, out_specs, dict(scratch_shapes=scratch)
+
+
+def _is_tpu_interpretation(interpret) -> bool:
+    """Whether `interpret` asks Pallas to simulate a TPU (pltpu.InterpretParams), not to run plain jnp."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return isinstance(interpret, pltpu.InterpretParams)
 
 def _compiler_params(platform: str):
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         # Columns "arbitrary": every column tile rewrites the same rows of xa, so they must not be split
-        # over the two TensorCores of a chip; rows are independent.
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+        # over the two TensorCores of a chip; rows are independent; the contraction accumulates.
+        return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"))
     if platform in ("cuda", "gpu"):
         from jax.experimental.pallas import triton as pltriton
         return pltriton.CompilerParams(num_warps=4, num_stages=2)
