@@ -18,6 +18,8 @@ import statistics
 import sys
 import time
 
+from shapes import add_model_args  # bench/shapes.py: python puts bench/ on the path
+
 METHODS = {
     "full": dict(method="full"),
     "lora": dict(method="lora"),
@@ -33,11 +35,7 @@ METHODS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=8000)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 
+from shapes import add_model_args  # bench/shapes.py: python puts bench/ on the path
+
 CHILD = """
 import re, sys, threading, time
 from jaxft.models.hf import load_pretrained
@@ -74,11 +76,7 @@ def measure(way: str, directory: pathlib.Path) -> tuple[int, float]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--ffn", type=int, default=2816)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p, hidden=1024, layers=8, heads=16, ffn=2816, vocab=32000)
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         directory = pathlib.Path(tmp)

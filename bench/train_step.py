@@ -28,6 +28,7 @@ import sys
 import time
 
 import numpy as np
+from shapes import add_model_args  # bench/shapes.py: python puts bench/ on the path
 
 from jaxft.host import tune_malloc
 
@@ -36,11 +37,7 @@ REPLY = "@@peer "  # marks the worker's protocol lines on its stdout
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p, layers=8, vocab=32000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
