@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -57,13 +58,15 @@ class Progress:
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled and jax.process_index() == 0
+        # Into a log file (CI, SLURM, a pod's worker logs) every redraw is a line: redraw every 30 s there.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not self.enabled)
+                        mininterval=interval, maxinterval=max(interval, 10.0), disable=not self.enabled)
 
     def update(self, step: int, metrics: dict) -> None:
-        self.bar.n = step
         shown = {k: metrics[k] for k in ("loss", "lr", "tokens_per_sec", "eval_loss") if k in metrics}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        self.bar.update(step - self.bar.n)  # redraws when tqdm's interval has passed
 
     def close(self) -> None:
         self.bar.close()
