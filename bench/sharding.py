@@ -46,6 +46,7 @@ def measure(a, method: str, mesh_sizes: tuple[int, int, int]) -> dict:
 
     from jaxft import peft, sharding, trainer
     from jaxft.config import base_config
+    from jaxft.data import to_global
     from jaxft.optim import build_optimizer
     from jaxft.peft.select import split_model
     sys.path.insert(0, os.path.dirname(__file__))
@@ -61,7 +62,7 @@ def measure(a, method: str, mesh_sizes: tuple[int, int, int]) -> dict:
     state, frozen, state_shardings, frozen_shardings = trainer.init_state(params, frozen, tx, mesh)
     ids = np.random.default_rng(0).integers(0, a.vocab, size=(a.batch, a.seq)).astype(np.int32)
     batch_sharding = sharding.batch_sharding(mesh)
-    batch = sharding.to_global(dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids)),
+    batch = to_global(dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids)),
                                batch_sharding, a.batch)
     step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, schedule=lambda s: 1e-4,
                                      accum_steps=1, dropout_key=jax.random.key(0), mesh=mesh),

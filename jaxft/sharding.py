@@ -233,12 +233,6 @@ def process_rows(sharding: NamedSharding, global_rows: int) -> slice:
     return rows
 
 
-def to_global(local_batch: dict, sharding: NamedSharding, global_rows: int) -> dict:
-    """This process's rows of a batch -> global arrays of `global_rows` rows sharded as `sharding` says."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (global_rows, *np.shape(v)[1:]))
-            for k, v in local_batch.items()}
-
-
 # ----------------------------------------------------------------------------- activations
 
 _MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("jaxft_mesh", default=None)

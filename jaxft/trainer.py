@@ -233,7 +233,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     batches = data_lib.Prefetcher(train_set.batches(start_step, total_steps, part), config.data.prefetch)
     try:
         for step, batch, position in batches:
-            state, metrics = step_fn(state, frozen, sharding.to_global(batch, batch_sharding, batch_size))
+            state, metrics = step_fn(state, frozen, data_lib.to_global(batch, batch_sharding, batch_size))
             window.append(metrics)
             done = step + 1
             progress.update(done, last)
@@ -293,7 +293,7 @@ def _evaluate(eval_fn, frozen, eval_set, config, pad_id, batch_sharding, params)
     batch_size = config.eval.batch_size or config.train.batch_size
     rows = sharding.process_rows(batch_sharding, batch_size)
     batches = data_lib.eval_batches(eval_set, batch_size, config.train.seq_len, pad_id, config.eval.max_batches)
-    batches = (sharding.to_global({k: v[rows] for k, v in b.items()}, batch_sharding, batch_size) for b in batches)
+    batches = (data_lib.to_global({k: v[rows] for k, v in b.items()}, batch_sharding, batch_size) for b in batches)
     return evaluate.loss_and_perplexity(functools.partial(eval_fn, params, frozen), batches)
 
 

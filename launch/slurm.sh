@@ -15,14 +15,8 @@ usage() {
   exit 2
 }
 
-show() {  # print a command so that it can be pasted into a shell as it is
-  local out="" word q="'"
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then out+=" $word"; else out+=" '${word//$q/$q\\$q$q}'"; fi
-  done
-  echo "${out# }"
-}
-run() { if ((dry_run)); then show "$@"; else "$@"; fi; }
+# shellcheck source-path=SCRIPTDIR source=dry_run.sh
+. "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
 
 nodes="" gpus=8 per=gpu partition="" account="" time_limit="" job_name=jaxft dry_run=0
 train_args=()

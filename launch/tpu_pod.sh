@@ -19,14 +19,8 @@ usage() {
   exit 2
 }
 
-show() {  # print a command so that it can be pasted into a shell as it is
-  local out="" word q="'"
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then out+=" $word"; else out+=" '${word//$q/$q\\$q$q}'"; fi
-  done
-  echo "${out# }"
-}
-run() { if ((dry_run)); then show "$@"; else "$@"; fi; }
+# shellcheck source-path=SCRIPTDIR source=dry_run.sh
+. "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
 
 [[ $# -ge 1 ]] || usage "missing subcommand"
 cmd=$1

@@ -14,8 +14,9 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 from jax.experimental import multihost_utils  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from jaxft import sharding  # noqa: E402
 from jaxft.config import base_config  # noqa: E402
-from jaxft.data import batch_sharding, load, process_slice, to_global  # noqa: E402
+from jaxft.data import load, to_global  # noqa: E402
 
 
 def main(port, process_id, train_file, packing, out):
@@ -24,12 +25,12 @@ def main(port, process_id, train_file, packing, out):
     c.model.path, c.data.train, c.data.packing = os.environ["QUICKSTART_MODEL"], train_file, packing == "1"
     c.train.steps, c.train.batch_size, c.train.seq_len = 3, 8, 64
     data = load(c, AutoTokenizer.from_pretrained(c.model.path))
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    part = process_slice(8, jax.process_index(), jax.process_count())
+    rows = sharding.batch_sharding(jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.MESH_AXES))
+    part = sharding.process_rows(rows, 8)
     record = dict(devices=jax.device_count(), local_devices=jax.local_device_count(), steps=[])
     for step in range(3):
         local = data.train.batch(step, part)
-        global_batch = to_global(local, batch_sharding(mesh), 8)
+        global_batch = to_global(local, rows, 8)
         gathered = multihost_utils.process_allgather(global_batch, tiled=True)
         full = data.train.batch(step)
         record["steps"].append(dict(

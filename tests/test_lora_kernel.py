@@ -5,6 +5,8 @@ CUDA from this CPU. Inputs are random and every output element nonzero, so a til
 failed to write cannot match (checked once by guarding the write of y with `pl.when(i == 0)`: y off
 by 1.4x its largest value)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,7 +137,7 @@ def test_training_with_the_kernel_matches_xla(tmp_path, method):
                                     "eval.every_steps": 0, "eval.max_batches": 1, "optim.name": "sgd",
                                     "optim.momentum": 0.9, "optim.lr": 0.05}), tmp_path / kernel)
         lines = (tmp_path / kernel / "metrics.jsonl").read_text().splitlines()
-        losses = [r["loss"] for r in map(__import__("json").loads, lines) if "loss" in r]
+        losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
         runs[kernel] = losses, load_file(str(tmp_path / kernel / "export" / "adapter" / "adapter_model.safetensors"))
     np.testing.assert_allclose(runs["pallas"][0], runs["xla"][0], rtol=1e-5)
     for name, value in runs["xla"][1].items():
@@ -169,7 +171,6 @@ def test_the_kernel_is_used_where_asked(monkeypatch):
 
 def test_benchmark_runs_and_reports_both_sides():
     """bench/lora_kernel.py on a tiny shape (its CPU figures mean nothing; this keeps it runnable)."""
-    import json
     import subprocess
     import sys
 

@@ -5,9 +5,9 @@ prints rendered examples and the data report without training. pipeline.py lists
 the stages and the module that holds each.
 """
 
-from jaxft.data.batches import Prefetcher, TrainOrder, batch_sharding, eval_batches, pad_batch, process_slice, to_global
+from jaxft.data.batches import Prefetcher, TrainOrder, eval_batches, pad_batch, to_global
 from jaxft.data.encode import Examples
 from jaxft.data.pipeline import Data, TrainSet, load, pad_token_id, split_off_eval
 
-__all__ = ["Data", "Examples", "Prefetcher", "TrainOrder", "TrainSet", "batch_sharding", "eval_batches", "load",
-           "pad_batch", "pad_token_id", "process_slice", "split_off_eval", "to_global"]
+__all__ = ["Data", "Examples", "Prefetcher", "TrainOrder", "TrainSet", "eval_batches", "load",
+           "pad_batch", "pad_token_id", "split_off_eval", "to_global"]

@@ -78,22 +78,11 @@ def eval_batches(examples, batch_size: int, seq_len: int, pad_id: int, max_batch
 # ----------------------------------------------------------------------------- hosts
 
 
-def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
-    """The rows of a global batch that process `process_index` of `process_count` builds."""
-    if global_batch_size % process_count:
-        raise DataError(f"The global batch of {global_batch_size} rows does not split evenly over "
-                        f"{process_count} processes; make train.batch_size a multiple of {process_count}.")
-    per = global_batch_size // process_count
-    return slice(process_index * per, (process_index + 1) * per)
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, axes=("data",)) -> jax.sharding.NamedSharding:
-    """Rows split over the mesh's batch axes, everything else whole."""
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
-
-
 def to_global(local_batch: dict, sharding: jax.sharding.NamedSharding, global_rows: int) -> dict:
-    """This process's rows -> global arrays of `global_rows` rows sharded as `sharding` says."""
+    """This process's rows -> global arrays of `global_rows` rows sharded as `sharding` says.
+
+    Which rows a process builds comes from the mesh (`jaxft.sharding.process_rows`).
+    """
     return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
             for k, v in local_batch.items()}
 

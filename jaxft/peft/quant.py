@@ -35,7 +35,7 @@ from flax import nnx
 
 from jaxft.errors import ConfigError
 from jaxft.models.layers import Embed, Linear
-from jaxft.peft.select import path_str, set_module
+from jaxft.peft.select import get_module, path_str, set_module
 
 KINDS = ("nf4", "int8")
 
@@ -392,7 +392,7 @@ class QuantSpec:
         if path[-1] not in ("kernel", "embedding"):
             return
         name = ".".join(map(str, path[:-1]))
-        module = _module_at(model, path[:-1])
+        module = get_module(model, name)
         replacement = self.replacement(name, module)
         if replacement is not None:
             set_module(model, name, replacement)
@@ -400,12 +400,6 @@ class QuantSpec:
             # Python's cyclic collector would break, long after the next tensors are read.
             weight = getattr(module, path[-1])
             weight.set_value(jax.ShapeDtypeStruct(weight.get_value().shape, weight.get_value().dtype))
-
-
-def _module_at(model: nnx.Module, path: tuple):
-    for part in path:
-        model = model[part] if isinstance(part, int) else getattr(model, part)
-    return model
 
 
 def quantize_model(model: nnx.Module, kind: str | QuantSpec, block_size: int = 64,

@@ -21,12 +21,18 @@ def path_str(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def get_module(model, dotted: str):
+    """The submodule at a dotted path ('model.layers.0.mlp.down_proj'; '' is the model itself)."""
+    node = model
+    for p in filter(None, dotted.split(".")):
+        node = node[int(p)] if p.isdigit() else getattr(node, p)
+    return node
+
+
 def set_module(model, dotted: str, new) -> None:
     """Replace the submodule at a dotted path ('model.layers.0.mlp.down_proj') with `new`, in place."""
-    *parents, last = dotted.split(".")
-    node = model
-    for p in parents:
-        node = node[int(p)] if p.isdigit() else getattr(node, p)
+    parent, _, last = dotted.rpartition(".")
+    node = get_module(model, parent)
     if last.isdigit():
         node[int(last)] = new
     else:
