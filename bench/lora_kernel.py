@@ -1,12 +1,13 @@
 """The fused LoRA Pallas kernel against XLA's unfused `x W + s (x A) B`, forward + backward.
 
     python bench/lora_kernel.py                      # training shapes and decode shapes, bf16
-    python bench/lora_kernel.py --shapes 8192,4096,4096,16 --iters 50
+    python bench/lora_kernel.py --shapes 8192,4096,4096,16 --iters 50 --passes train
 
 Imports only jax, numpy and jaxft/kernels/lora_matmul.py (loaded by path), so it runs on
-a machine that has JAX and nothing else: copy the repo, run it. Each measurement:
-warm-up calls, then `--iters` timed calls of a jitted step (value and gradients in x, A, B)
-each ended by `block_until_ready`; medians. The roofline column is the lower bound
+a machine that has JAX and nothing else: copy the repo, run it. Each shape is timed as a
+forward pass (what decoding runs) and as a training step (value and gradients in x, A, B):
+warm-up calls, then `--iters` timed calls of the jitted function, each ended by
+`block_until_ready`; medians. The roofline column is the lower bound
 max(flops / peak flops, bytes / bandwidth) for the fused step on the device, where its peak
 figures are known (bf16 dense; see PEAKS). On CPU the kernel runs interpreted: the figures
 say nothing about speed there, so the script asks for --allow-cpu.
@@ -14,6 +15,7 @@ say nothing about speed there, so the script asks for --allow-cpu.
 
 import argparse
 import importlib.util
+import itertools
 import json
 import pathlib
 import statistics
@@ -44,10 +46,14 @@ TRAINING = [(8192, 2048, 2048, 16), (8192, 4096, 4096, 16)]
 DECODE = [(m, 4096, 4096, 16) for m in (1, 8, 16, 64)]
 
 
-def step_fn(kernel: str, scale: float, blocks):
-    def loss(x, w, a, b):
-        y = lora_kernel.lora_matmul(x, w, a, b, scale, kernel=kernel, blocks=blocks)
-        return jnp.sum(y.astype(jnp.float32))
+def step_fn(kernel: str, scale: float, blocks, train: bool):
+    """The jitted forward (decode, inference) or forward + backward (value and gradients in x, A, B)."""
+    def forward(x, w, a, b):
+        return lora_kernel.lora_matmul(x, w, a, b, scale, kernel=kernel, blocks=blocks)
+
+    if not train:
+        return jax.jit(forward)
+    loss = lambda x, w, a, b: jnp.sum(forward(x, w, a, b).astype(jnp.float32))  # noqa: E731
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3)))
 
 
@@ -62,15 +68,17 @@ def time_step(fn, args, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def roofline_seconds(m, k, n, r, itemsize, device) -> float | None:
-    """Lower bound of one fused forward + backward step on `device`, or None where its peaks are unknown."""
+def roofline_seconds(m, k, n, r, itemsize, device, train: bool) -> float | None:
+    """Lower bound of one fused forward (+ backward) on `device`, or None where its peaks are unknown."""
     kind = device.device_kind.lower()
     peak = next((v for key, v in PEAKS.items() if key in kind), None)
     if peak is None:
         return None
-    flops = 2 * m * k * n * 2 + 2 * m * r * (k + n) * 4  # x W and dy W^T; the low-rank products (fwd, dx, dA, dB)
-    # Read x, W, dy twice (forward/backward) and write y, dx once; A, B, xa, g are small.
-    bytes_moved = itemsize * (2 * m * k + 2 * k * n + 2 * m * n + m * n + m * k)
+    low_rank = 2 * m * r * (k + n)  # x A and (x A) B forward; backward twice that: dy B^T, g A^T, dA, dB
+    flops = 2 * m * k * n + low_rank if not train else 2 * (2 * m * k * n) + 3 * low_rank
+    # Forward: read x and W, write y. Backward: read dy (once: dB is summed in the kernel), W, and x (for
+    # dA), write dx. A, B, x A and g are r wide: small.
+    bytes_moved = itemsize * (m * k + k * n + m * n) if not train else itemsize * (3 * m * k + 2 * k * n + 2 * m * n)
     return max(flops / peak[0], bytes_moved / peak[1])
 
 
@@ -81,6 +89,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--block", default="128,128,128", help="block_m,block_n,block_k")
+    p.add_argument("--passes", default="forward,train", help="forward (decode, inference) and/or train "
+                   "(forward + backward)")
     p.add_argument("--allow-cpu", action="store_true")
     a = p.parse_args(argv)
     device = jax.devices()[0]
@@ -89,16 +99,17 @@ def main(argv=None):
     shapes = ([tuple(map(int, s.split(","))) for s in a.shapes.split(";")] if a.shapes else TRAINING + DECODE)
     dtype = jnp.dtype(a.dtype)
     blocks = lora_kernel.Blocks(*map(int, a.block.split(",")))
-    for m, k, n, r in shapes:
+    for (m, k, n, r), step in itertools.product(shapes, a.passes.split(",")):
         keys = jax.random.split(jax.random.key(0), 4)
         w = (jax.random.normal(keys[1], (k, n)) / np.sqrt(k)).astype(dtype)
         args = (jax.random.normal(keys[0], (m, k), dtype), w, jax.random.normal(keys[2], (k, r)) / np.sqrt(k),
                 jax.random.normal(keys[3], (r, n)))
-        xla = time_step(step_fn("xla", 2.0, blocks), args, a.warmup, a.iters)
-        fused = time_step(step_fn("pallas", 2.0, blocks), args, a.warmup, a.iters)
-        bound = roofline_seconds(m, k, n, r, dtype.itemsize, device)
+        train = step == "train"
+        xla = time_step(step_fn("xla", 2.0, blocks, train), args, a.warmup, a.iters)
+        fused = time_step(step_fn("pallas", 2.0, blocks, train), args, a.warmup, a.iters)
+        bound = roofline_seconds(m, k, n, r, dtype.itemsize, device, train)
         print(json.dumps(dict(
-            bench="lora_kernel", device=device.device_kind, jax=jax.__version__, dtype=a.dtype,
+            bench="lora_kernel", device=device.device_kind, jax=jax.__version__, dtype=a.dtype, step=step,
             shape=dict(m=m, k=k, n=n, r=r), blocks=a.block, xla_ms=round(1e3 * xla, 4), pallas_ms=round(1e3 * fused, 4),
             speedup=round(xla / fused, 3), roofline_ms=None if bound is None else round(1e3 * bound, 4),
             pallas_over_roofline=None if bound is None else round(fused / bound, 2))), flush=True)

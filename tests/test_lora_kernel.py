@@ -8,11 +8,13 @@ by 1.4x its largest value)."""
 import json
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxft.kernels import lora_matmul as kernel_module
 from jaxft.kernels.lora_matmul import Blocks, lora_matmul, lora_matmul_reference, use_pallas
 from jaxft.peft.quant import quantize_int8
 
@@ -113,6 +115,64 @@ def test_kernel_lowers_for_accelerators(platform, quantised):
     assert text.count(target) == 2, text[:2000]  # the forward kernel and the backward one
 
 
+def _xla_dots(jaxpr) -> int:
+    """dot_generals in a jaxpr outside Pallas kernels (inner jaxprs of jit/custom_vjp included)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            continue
+        count += eqn.primitive.name == "dot_general"
+        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _xla_dots(inner)
+    return count
+
+
+def test_backward_leaves_only_da_to_xla():
+    """dx, g and dB come out of the backward kernel, which loads each dy tile once: the one matmul XLA
+    still does is dA = x^T g (x is not an operand of that kernel)."""
+    x, w, a, b, dy = _inputs(64, 256, 256, 16, jnp.float32, seed=6)
+    fn = lambda x, a, b: lora_matmul(x, w, a, b, 2.0, kernel="pallas", blocks=SMALL)  # noqa: E731
+    _, vjp = jax.vjp(fn, x, a, b)
+    assert _xla_dots(jax.make_jaxpr(vjp)(dy).jaxpr) == 1
+    _, vjp = jax.vjp(lambda x, a, b: lora_matmul(x, w, a, b, 2.0, kernel="xla"), x, a, b)
+    assert _xla_dots(jax.make_jaxpr(vjp)(dy).jaxpr) > 1  # the count sees XLA's matmuls where they are
+
+
+@pytest.mark.parametrize("m,r", [(1, 24), (50, 48)])
+def test_triton_gets_power_of_two_tiles(m, r):
+    """Triton loads only power-of-two arrays and dots at least 16 wide: a decode batch of one row and a
+    rank of 24 or 48 are padded to such tiles (lowering fails otherwise), and the result is unchanged."""
+    x, w, a, b, dy = _inputs(m, 200, 130, r, jnp.float32, seed=m + r)
+    loss = lambda x, a, b: jnp.sum(lora_matmul(x, w, a, b, 2.0, kernel="pallas", platform="cuda"))  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, a, b).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu") == 2
+    ours = _forward_and_grads("pallas", x, w, a, b, dy, 2.0, platform="cuda", interpret=True)
+    for name, o, ref in zip(("y", "dx", "dA", "dB"), ours, _forward_and_grads("xla", x, w, a, b, dy, 2.0)):
+        _close(o, ref, 2e-5, name)
+
+
+@pytest.mark.parametrize("platform,blocks,rule", [("cuda", Blocks(m=96), "powers of two"),
+                                                  ("tpu", Blocks(n=64), "multiples of 8")])
+def test_blocks_a_backend_cannot_tile_are_refused(platform, blocks, rule):
+    x, w, a, b, _ = _inputs(64, 256, 256, 16, jnp.float32, seed=7)
+    with pytest.raises(ValueError, match=rule):
+        lora_matmul(x, w, a, b, 2.0, kernel="pallas", blocks=blocks, platform=platform, interpret=True)
+
+
+def test_tpu_vmem_limit_follows_the_blocks():
+    """Small blocks keep Mosaic's default scoped VMEM; larger ones raise the limit to what they need;
+    more than a TPU core has is refused before compiling."""
+    params = kernel_module._compiler_params
+    assert params("tpu", 2 << 20).vmem_limit_bytes is None
+    assert params("tpu", 40 << 20).vmem_limit_bytes == 44 << 20
+    with pytest.raises(ValueError, match="VMEM"):
+        params("tpu", 80 << 20)
+    x, w, a, b, _ = _inputs(1024, 4096, 4096, 16, jnp.bfloat16, seed=8)
+    with pytest.raises(ValueError, match="choose smaller Blocks"):
+        jax.jit(lambda x: lora_matmul(x, w, a, b, 2.0, kernel="pallas", platform="tpu",
+                                      blocks=Blocks(1024, 4096, 4096))).trace(x).lower(lowering_platforms=("tpu",))
+
+
 def test_dispatch():
     assert use_pallas("pallas", "cpu") and not use_pallas("xla", "tpu")
     assert not use_pallas("auto", "cpu")  # XLA until a benchmark shows the kernel faster on a backend
@@ -178,5 +238,7 @@ def test_benchmark_runs_and_reports_both_sides():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_kernel.py"), "--allow-cpu", "--shapes",
                           "64,256,128,8", "--iters", "1", "--warmup", "1", "--dtype", "float32"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
-    record = json.loads(out.splitlines()[-1])
-    assert record["shape"] == dict(m=64, k=256, n=128, r=8) and record["xla_ms"] > 0 and record["pallas_ms"] > 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["step"] for r in records] == ["forward", "train"]  # decode's pass, and a training step
+    for record in records:
+        assert record["shape"] == dict(m=64, k=256, n=128, r=8) and record["xla_ms"] > 0 and record["pallas_ms"] > 0

@@ -5,8 +5,10 @@ to add the low-rank term. Here each output tile accumulates `x @ W` and `x @ A` 
 the same loaded `x` tiles in float32, adds `s * (x @ A) @ B` in its epilogue and is
 written once. The backward pass is the same kernel on transposed operands:
 `dx = dy @ W^T + s * (dy @ B^T) @ A^T`, whose low-rank accumulator is also what `dA`
-needs (`g = s * dy @ B^T`, `dA = x^T @ g`); `dB = (s * x @ A)^T @ dy` reads `dy` once
-more. `W` is frozen: it gets no gradient. QLoRA-int8: `W` int8 with a float scale per
+needs (`g = s * dy @ B^T`, `dA = x^T @ g`), and which also takes `dB = (s * x @ A)^T @ dy`
+from the `dy` tiles it loads anyway (the first column of tiles does it, one partial sum
+per row block, summed after), so the backward pass reads `dy` from memory once. `W` is
+frozen: it gets no gradient. QLoRA-int8: `W` int8 with a float scale per
 output column (`w_scale`), dequantised tile by tile inside the kernel, so the float
 weight never exists in memory.
 
@@ -34,12 +36,16 @@ KERNELS = ("auto", "pallas", "xla")
 # Empty until such a measurement is recorded in bench/README.md: "auto" then means XLA.
 PALLAS_WINS: frozenset[str] = frozenset()
 
-_MIN_RANK = 16  # GPU dots need every dimension >= 16; zero columns of A and rows of B add nothing
+_MIN_DOT = 16  # GPU dots need every dimension >= 16; zero rows and columns of padding add nothing
+# Mosaic's default scoped VMEM is 16 MiB on some TPUs (32 MiB on newer ones); the limit is raised to
+# what the blocks need beyond that, up to the 64 MiB every current TPU core has.
+_VMEM_DEFAULT, _VMEM_MAX = 16 << 20, 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Tile sizes: output rows `m`, output columns `n`, contraction step `k` (TPU: multiples of 8 and 128)."""
+    """Tile sizes: output rows `m`, output columns `n`, contraction step `k` (TPU: multiples of 8 and 128;
+    GPU: powers of two >= 16). Each is cut down to the padded extent where that is smaller."""
 
     m: int = 128
     n: int = 128
@@ -77,9 +83,8 @@ def lora_matmul(x, w, a, b, scale: float, *, w_scale=None, kernel: str = "auto",
         return lora_matmul_reference(x, w, a, b, scale, w_scale)
     platform = platform or jax.default_backend()
     interpret = (platform == "cpu") if interpret is None else interpret
-    if w_scale is None:  # float W: a unit scale keeps one kernel for both (one multiply per tile)
-        w_scale = jnp.ones((w.shape[1],), jnp.float32)
-    return _fused(x, w, w_scale.astype(jnp.float32), a, b, float(scale), blocks, (platform, interpret))
+    w_scale = None if w_scale is None else w_scale.astype(jnp.float32)
+    return _fused(x, w, w_scale, a, b, float(scale), blocks, (platform, interpret))
 
 
 # ----------------------------------------------------------------------------- custom VJP
@@ -92,7 +97,7 @@ def _fused(x, w, w_scale, a, b, scale, blocks, platform):
 
 def _fused_fwd(x, w, w_scale, a, b, scale, blocks, platform):  # platform: (name, interpret)
     a, b = a.astype(x.dtype), b.astype(x.dtype)
-    y, xa = _low_rank_matmul(x, w, w_scale, a, b, scale, transposed=False, blocks=blocks, platform=platform)
+    y, xa, _ = _low_rank_matmul(x, w, w_scale, a, b, scale, blocks=blocks, platform=platform)
     return y, (x, w, w_scale, a, b, xa)
 
 
@@ -100,11 +105,11 @@ def _fused_bwd(scale, blocks, platform, residuals, dy):
     x, w, w_scale, a, b, xa = residuals  # xa = scale * x @ a, float32 [M, r]
     dy = dy.astype(x.dtype)
     # dx = dy @ w^T + scale * (dy @ b^T) @ a^T: the forward kernel with every operand transposed;
-    # its low-rank accumulator g = scale * dy @ b^T is dA's other factor.
-    dx, g = _low_rank_matmul(dy, w, w_scale, b, a, scale, transposed=True, blocks=blocks, platform=platform)
-    f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
-    da = f32(x.T, g.astype(x.dtype))
-    db = f32(xa.astype(x.dtype).T, dy)
+    # its low-rank accumulator g = scale * dy @ b^T is dA's other factor, and dB = xa^T dy is summed
+    # from the same dy tiles.
+    dx, g, db = _low_rank_matmul(dy, w, w_scale, b, a, scale, xa=xa.astype(x.dtype), blocks=blocks,
+                                 platform=platform)
+    da = jnp.matmul(x.T, g.astype(x.dtype), preferred_element_type=jnp.float32)
     return dx, None, None, da, db
 
 
@@ -114,53 +119,98 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # ----------------------------------------------------------------------------- the kernel
 
 
+@dataclasses.dataclass(frozen=True)
+class _Refs:
+    """The kernel's operands by name. Forward: x, w, [w_scale], a, b -> y, low. Backward (`xa` given):
+    dy, w, [w_scale], b^T, a^T, xa -> dx, g, db (partial sums of dB, one per row block)."""
+
+    x: object
+    w: object
+    w_scale: object | None
+    a: object
+    b: object
+    xa: object | None
+    y: object
+    low: object
+    db: object | None
+    scratch: tuple = ()
+
+    @classmethod
+    def name(cls, refs, quantised: bool, backward: bool, scratch: int = 0):
+        refs = list(refs)
+        take = lambda present: refs.pop(0) if present else None  # noqa: E731
+        x, w, w_scale, a, b, xa = take(True), take(True), take(quantised), take(True), take(True), take(backward)
+        y, low, db = take(True), take(True), take(backward)
+        return cls(x, w, w_scale, a, b, xa, y, low, db, tuple(refs[:scratch]))
+
+
 def _dot(transposed: bool):
     """Row-block @ tile, float32 accumulation; `transposed`: the right operand is stored [out, contraction]."""
     dims = (((1,), (1 if transposed else 0,)), ((), ()))
     return functools.partial(jax.lax.dot_general, dimension_numbers=dims, preferred_element_type=jnp.float32)
 
 
-def _dequantised(w_tile, scale_tile, dtype):
-    """A W tile times its scales (per output column; along the contraction when transposed), in `dtype`."""
+def _rows_dot(p, q):
+    """p^T q over their shared rows, float32: [bm, r] x [bm, n] -> [r, n] (dB's partial sum)."""
+    return jax.lax.dot_general(p, q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _weight_tile(w_tile, scale_tile, dtype):
+    """A W tile in `dtype`; an int8 one times its scales (per output column; along the contraction when
+    transposed). A float W has no scales: nothing to multiply."""
+    if scale_tile is None:
+        return w_tile.astype(dtype)
     return (w_tile.astype(jnp.float32) * scale_tile).astype(dtype)
 
 
-def _epilogue(acc, low, b, scale, y_ref, xa_ref, transposed):
+def _epilogue(acc, low, refs: _Refs, scale, transposed):
     """y = x W + (scale * x A) B, written once; `scale * x A` kept for the backward pass."""
     low = low * scale
-    y_ref[...] = (acc + _dot(transposed)(low.astype(b.dtype), b)).astype(y_ref.dtype)
-    xa_ref[...] = low  # every column tile writes the same rows: identical values, no race to lose
+    b = refs.b[...]
+    refs.y[...] = (acc + _dot(transposed)(low.astype(b.dtype), b)).astype(refs.y.dtype)
+    refs.low[...] = low  # every column tile writes the same rows: identical values, no race to lose
 
 
-def _loop_kernel(x_ref, w_ref, ws_ref, a_ref, b_ref, y_ref, xa_ref, *, scale, block_k, steps, transposed):
+def _loop_kernel(*refs, scale, block_k, steps, quantised, transposed):
     """GPU (Triton) and plain interpretation: one [block_m, block_n] tile of y, looping over the
     contraction inside the kernel (Triton has no accumulator that outlives a grid step).
 
-    Not transposed: x [bm, K], w [K, bn], w_scale [1, bn], a [K, r], b [r, bn].
-    Transposed (backward): x [bm, K], w [bn, K], w_scale [1, K], a [r, K], b [bn, r]:
-    y = x (w diag(w_scale))^T + s (x a^T) b^T.
+    Forward: x [bm, K], w [K, bn], w_scale [1, bn], a [K, r], b [r, bn].
+    Backward: dy [bm, K], w [bn, K], w_scale [1, K], a [r, K], b [bn, r], xa [bm, r], db [1, r, K]:
+    y = dy (w diag(w_scale))^T + s (dy a^T) b^T, and the first column of tiles sums db = xa^T dy.
     """
-    dot = _dot(transposed)
+    refs = _Refs.name(refs, quantised, backward=transposed)
+    dot, first_column = _dot(transposed), pl.program_id(1) == 0
+    xa = refs.xa[...] if transposed else None
 
     def step(k, carry):
         acc, low = carry
         cut = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
-        xs = x_ref[:, cut]
+        xs = refs.x[:, cut]
         if transposed:  # W's columns are the contraction here: its scales are sliced with it
-            ws, as_ = _dequantised(w_ref[:, cut], ws_ref[:, cut], xs.dtype), a_ref[:, cut]
+            scales = None if refs.w_scale is None else refs.w_scale[:, cut]
+            ws, as_ = _weight_tile(refs.w[:, cut], scales, xs.dtype), refs.a[:, cut]
+
+            @pl.when(first_column)
+            def _():
+                refs.db[0, :, cut] = _rows_dot(xa, xs)
         else:
-            ws, as_ = _dequantised(w_ref[cut, :], ws_ref[...], xs.dtype), a_ref[cut, :]
+            scales = None if refs.w_scale is None else refs.w_scale[...]
+            ws, as_ = _weight_tile(refs.w[cut, :], scales, xs.dtype), refs.a[cut, :]
         return acc + dot(xs, ws), low + dot(xs, as_)
 
-    acc = jnp.zeros((x_ref.shape[0], y_ref.shape[1]), jnp.float32)
-    low = jnp.zeros((x_ref.shape[0], xa_ref.shape[1]), jnp.float32)
+    acc = jnp.zeros((refs.x.shape[0], refs.y.shape[1]), jnp.float32)
+    low = jnp.zeros((refs.x.shape[0], refs.low.shape[1]), jnp.float32)
     acc, low = jax.lax.fori_loop(0, steps, step, (acc, low))
-    _epilogue(acc, low, b_ref[...], scale, y_ref, xa_ref, transposed)
+    _epilogue(acc, low, refs, scale, transposed)
 
 
-def _grid_kernel(x_ref, w_ref, ws_ref, a_ref, b_ref, y_ref, xa_ref, acc_ref, low_ref, *, scale, transposed):
+def _grid_kernel(*refs, scale, block_k, quantised, transposed):
     """TPU (Mosaic): the contraction is the grid's last axis, the accumulators live in VMEM scratch, so
-    only [block_m, block_k] and [block_k, block_n] tiles are resident, whatever K is."""
+    only [block_m, block_k] and [block_k, block_n] tiles are resident, whatever K is (and, backward,
+    the row block's [r, K] partial sum of dB)."""
+    refs = _Refs.name(refs, quantised, backward=transposed, scratch=2)
+    acc_ref, low_ref = refs.scratch
     k = pl.program_id(2)
 
     @pl.when(k == 0)
@@ -168,85 +218,150 @@ def _grid_kernel(x_ref, w_ref, ws_ref, a_ref, b_ref, y_ref, xa_ref, acc_ref, low
         acc_ref[...] = jnp.zeros_like(acc_ref)
         low_ref[...] = jnp.zeros_like(low_ref)
 
-    xs = x_ref[...]
+    xs = refs.x[...]
     dot = _dot(transposed)
-    acc_ref[...] += dot(xs, _dequantised(w_ref[...], ws_ref[...], xs.dtype))
-    low_ref[...] += dot(xs, a_ref[...])
+    acc_ref[...] += dot(xs, _weight_tile(refs.w[...], None if refs.w_scale is None else refs.w_scale[...], xs.dtype))
+    low_ref[...] += dot(xs, refs.a[...])
+    if transposed:
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            refs.db[0, :, pl.ds(pl.multiple_of(k * block_k, block_k), block_k)] = _rows_dot(refs.xa[...], xs)
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _():
-        _epilogue(acc_ref[...], low_ref[...], b_ref[...], scale, y_ref, xa_ref, transposed)
+        _epilogue(acc_ref[...], low_ref[...], refs, scale, transposed)
+
+
+# ----------------------------------------------------------------------------- tiling and the call
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """Padded extents and block sizes: rows m, output columns n, contraction k, rank r (padded whole)."""
+
+    m: int
+    bm: int
+    n: int
+    bn: int
+    k: int
+    bk: int
+    r: int
+
+    @classmethod
+    def choose(cls, m, n, k, r, blocks: Blocks, tpu: bool):
+        if tpu:  # Mosaic: a block's last two dims are multiples of (8, 128), or the whole padded array
+            _check_blocks(blocks, lambda v, lane: v % (128 if lane else 8) == 0, "multiples of 8 (m) and 128 (n, k)")
+            bm, r = min(blocks.m, _round_up(m, 8)), _round_up(max(r, _MIN_DOT), 8)
+            bn, bk = min(blocks.n, _round_up(n, 128)), min(blocks.k, _round_up(k, 128))
+        else:  # Triton: every loaded array a power of two in each dimension, and dots at least 16 wide
+            _check_blocks(blocks, lambda v, lane: v >= _MIN_DOT and v & (v - 1) == 0, "powers of two >= 16")
+            bm, r = min(blocks.m, _next_pow2(m, _MIN_DOT)), _next_pow2(r, _MIN_DOT)
+            bn, bk = min(blocks.n, _next_pow2(n, _MIN_DOT)), min(blocks.k, _next_pow2(k, _MIN_DOT))
+        return cls(_round_up(m, bm), bm, _round_up(n, bn), bn, _round_up(k, bk), bk, r)
+
+
+def _check_blocks(blocks: Blocks, ok, rule: str):
+    if not all(ok(v, lane) for v, lane in ((blocks.m, False), (blocks.n, True), (blocks.k, True))):
+        raise ValueError(f"{blocks} do not fit this backend: block sizes must be {rule}")
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _low_rank_matmul(x, w, w_scale, a, b, scale, *, transposed, blocks: Blocks, platform):
-    """Pads to whole tiles, runs the kernel, cuts the padding: (y [M, N], scale * x @ a [M, r] float32).
+def _next_pow2(n: int, at_least: int) -> int:
+    return max(at_least, 1 << (n - 1).bit_length())
 
-    Not transposed: w [K, N], w_scale [N], a [K, r], b [r, N].
-    Transposed: w [N, K], w_scale [K] (W's columns), a [r, K], b [N, r].
+
+def _low_rank_matmul(x, w, w_scale, a, b, scale, *, xa=None, blocks: Blocks, platform):
+    """Pads to whole tiles, runs the kernel, cuts the padding: (y [M, N], scale * x @ a [M, r] float32,
+    dB float32 [r, K] or None).
+
+    Forward (`xa` None): w [K, N], w_scale [N] or None, a [K, r], b [r, N].
+    Backward (`xa` = the forward's scale * x @ a [M, r]): x = dy, w [N, K], w_scale [K] (W's columns)
+    or None, a = b^T [r, K], b = a^T [N, r]; also returns dB = xa^T dy.
     `platform`: (name, interpret); TPU, or interpretation as a TPU, runs `_grid_kernel`, the rest `_loop_kernel`.
     """
+    transposed, quantised = xa is not None, w_scale is not None
     m, k = x.shape
     n = w.shape[0] if transposed else w.shape[1]
     r = a.shape[0] if transposed else a.shape[1]
-    bm, bn, bk = min(blocks.m, _round_up(m, 8)), min(blocks.n, _round_up(n, 128)), min(blocks.k, _round_up(k, 128))
-    mp, np_, kp, rp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk), _round_up(max(r, _MIN_RANK), 8)
-    x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
-    if transposed:
-        w, a, b = (jnp.pad(w, ((0, np_ - n), (0, kp - k))), jnp.pad(a, ((0, rp - r), (0, kp - k))),
-                   jnp.pad(b, ((0, np_ - n), (0, rp - r))))
-        w_scale = jnp.pad(w_scale, (0, kp - k))[None, :]
-    else:
-        w, a, b = (jnp.pad(w, ((0, kp - k), (0, np_ - n))), jnp.pad(a, ((0, kp - k), (0, rp - r))),
-                   jnp.pad(b, ((0, rp - r), (0, np_ - n))))
-        w_scale = jnp.pad(w_scale, (0, np_ - n))[None, :]
     name, interpret = platform
     tpu = name == "tpu" or _is_tpu_interpretation(interpret)
-    tiles = ((mp, bm), (np_, bn), (kp, bk), rp)
-    grid, in_specs, out_specs, extra = (_grid_specs if tpu else _loop_specs)(tiles, transposed)
-    kernel = (functools.partial(_grid_kernel, scale=scale, transposed=transposed) if tpu else
-              functools.partial(_loop_kernel, scale=scale, block_k=bk, steps=kp // bk, transposed=transposed))
-    y, xa = pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct((mp, np_), x.dtype), jax.ShapeDtypeStruct((mp, rp), jnp.float32)],
-        interpret=interpret, compiler_params=None if interpret else _compiler_params(name),
-        name="lora_matmul_bwd" if transposed else "lora_matmul", **extra,
-    )(x, w, w_scale, a, b)
-    return y[:m, :n], xa[:m, :r]
-
-
-def _loop_specs(tiles, transposed):
-    """Grid (rows, columns); x, W and A whole along the contraction (`_loop_kernel` walks it)."""
-    (mp, bm), (np_, bn), (kp, _), rp = tiles
+    t = _Tiling.choose(m, n, k, r, blocks, tpu)
+    operands = [_pad(x, t.m, t.k)]
     if transposed:
-        w, ws, a, b = (((bn, kp), lambda i, j: (j, 0)), ((1, kp), lambda i, j: (0, 0)),
-                       ((rp, kp), lambda i, j: (0, 0)), ((bn, rp), lambda i, j: (j, 0)))
+        operands += [_pad(w, t.n, t.k)] + ([_pad(w_scale[None, :], 1, t.k)] if quantised else [])
+        operands += [_pad(a, t.r, t.k), _pad(b, t.n, t.r), _pad(xa, t.m, t.r)]
     else:
-        w, ws, a, b = (((kp, bn), lambda i, j: (0, j)), ((1, bn), lambda i, j: (0, j)),
-                       ((kp, rp), lambda i, j: (0, 0)), ((rp, bn), lambda i, j: (0, j)))
-    in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0))] + [pl.BlockSpec(*spec) for spec in (w, ws, a, b)]
-    out_specs = [pl.BlockSpec((bm, bn), lambda i, j: (i, j)), pl.BlockSpec((bm, rp), lambda i, j: (i, 0))]
-    return (mp // bm, np_ // bn), in_specs, out_specs, {}
+        operands += [_pad(w, t.k, t.n)] + ([_pad(w_scale[None, :], 1, t.n)] if quantised else [])
+        operands += [_pad(a, t.k, t.r), _pad(b, t.r, t.n)]
+    out_shape = [jax.ShapeDtypeStruct((t.m, t.n), x.dtype), jax.ShapeDtypeStruct((t.m, t.r), jnp.float32)]
+    if transposed:
+        out_shape.append(jax.ShapeDtypeStruct((t.m // t.bm, t.r, t.k), jnp.float32))
+    grid, in_specs, out_specs, extra = (_grid_specs if tpu else _loop_specs)(t, transposed, quantised)
+    options = dict(scale=scale, block_k=t.bk, quantised=quantised, transposed=transposed)
+    kernel = functools.partial(_grid_kernel, **options) if tpu else functools.partial(
+        _loop_kernel, steps=t.k // t.bk, **options)
+    params = None if interpret else _compiler_params(name, _vmem_bytes(t, operands, out_shape, transposed))
+    outs = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+        compiler_params=params, name="lora_matmul_bwd" if transposed else "lora_matmul", **extra,
+    )(*operands)
+    db = outs[2].sum(axis=0)[:r, :k] if transposed else None
+    return outs[0][:m, :n], outs[1][:m, :r], db
 
 
-def _grid_specs(tiles, transposed):
+def _pad(array, rows: int, cols: int):
+    return jnp.pad(array, ((0, rows - array.shape[0]), (0, cols - array.shape[1])))
+
+
+def _loop_specs(t: _Tiling, transposed: bool, quantised: bool):
+    """Grid (rows, columns); x, W and A whole along the contraction (`_loop_kernel` walks it)."""
+    if transposed:
+        w, ws, a, b = (((t.bn, t.k), lambda i, j: (j, 0)), ((1, t.k), lambda i, j: (0, 0)),
+                       ((t.r, t.k), lambda i, j: (0, 0)), ((t.bn, t.r), lambda i, j: (j, 0)))
+    else:
+        w, ws, a, b = (((t.k, t.bn), lambda i, j: (0, j)), ((1, t.bn), lambda i, j: (0, j)),
+                       ((t.k, t.r), lambda i, j: (0, 0)), ((t.r, t.bn), lambda i, j: (0, j)))
+    inputs = [((t.bm, t.k), lambda i, j: (i, 0)), w] + ([ws] if quantised else []) + [a, b]
+    outputs = [((t.bm, t.bn), lambda i, j: (i, j)), ((t.bm, t.r), lambda i, j: (i, 0))]
+    if transposed:
+        inputs.append(((t.bm, t.r), lambda i, j: (i, 0)))
+        outputs.append(((1, t.r, t.k), lambda i, j: (i, 0, 0)))
+    specs = lambda pairs: [pl.BlockSpec(*pair) for pair in pairs]  # noqa: E731
+    return (t.m // t.bm, t.n // t.bn), specs(inputs), specs(outputs), {}
+
+
+def _grid_specs(t: _Tiling, transposed: bool, quantised: bool):
     """Grid (rows, columns, contraction), tiles of everything, float32 accumulators in VMEM."""
     from jax.experimental.pallas import tpu as pltpu
 
-    (mp, bm), (np_, bn), (kp, bk), rp = tiles
     if transposed:
-        w, ws, a, b = (((bn, bk), lambda i, j, k: (j, k)), ((1, bk), lambda i, j, k: (0, k)),
-                       ((rp, bk), lambda i, j, k: (0, k)), ((bn, rp), lambda i, j, k: (j, 0)))
+        w, ws, a, b = (((t.bn, t.bk), lambda i, j, k: (j, k)), ((1, t.bk), lambda i, j, k: (0, k)),
+                       ((t.r, t.bk), lambda i, j, k: (0, k)), ((t.bn, t.r), lambda i, j, k: (j, 0)))
     else:
-        w, ws, a, b = (((bk, bn), lambda i, j, k: (k, j)), ((1, bn), lambda i, j, k: (0, j)),
-                       ((bk, rp), lambda i, j, k: (k, 0)), ((rp, bn), lambda i, j, k: (0, j)))
-    in_specs = [pl.BlockSpec((bm, bk), lambda i, j, k: (i, k))] + [pl.BlockSpec(*spec) for spec in (w, ws, a, b)]
-    out_specs = [pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)), pl.BlockSpec((bm, rp), lambda i, j, k: (i, 0))]
-    scratch = [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bm, rp), jnp.float32)]
-    return (mp // bm, np_ // bn, kp // bk), in_specs, out_specs, dict(scratch_shapes=scratch)
+        w, ws, a, b = (((t.bk, t.bn), lambda i, j, k: (k, j)), ((1, t.bn), lambda i, j, k: (0, j)),
+                       ((t.bk, t.r), lambda i, j, k: (k, 0)), ((t.r, t.bn), lambda i, j, k: (0, j)))
+    inputs = [((t.bm, t.bk), lambda i, j, k: (i, k)), w] + ([ws] if quantised else []) + [a, b]
+    outputs = [((t.bm, t.bn), lambda i, j, k: (i, j)), ((t.bm, t.r), lambda i, j, k: (i, 0))]
+    if transposed:  # dB's partial sum for the row block stays resident over its columns and contraction
+        inputs.append(((t.bm, t.r), lambda i, j, k: (i, 0)))
+        outputs.append(((1, t.r, t.k), lambda i, j, k: (i, 0, 0)))
+    specs = lambda pairs: [pl.BlockSpec(*pair) for pair in pairs]  # noqa: E731
+    scratch = [pltpu.VMEM((t.bm, t.bn), jnp.float32), pltpu.VMEM((t.bm, t.r), jnp.float32)]
+    return (t.m // t.bm, t.n // t.bn, t.k // t.bk), specs(inputs), specs(outputs), dict(scratch_shapes=scratch)
+
+
+def _vmem_bytes(t: _Tiling, operands, out_shape, transposed: bool) -> int:
+    """What the TPU form keeps in VMEM: two buffers of each operand's and output's block, and the scratch."""
+    x, w = operands[:2]
+    blocks = [(t.bm * t.bk, x.dtype), (t.bk * t.bn, w.dtype), (t.bk * t.r, x.dtype), (t.bn * t.r, x.dtype),
+              (t.bn, jnp.float32), (t.bm * t.bn, x.dtype), (t.bm * t.r, jnp.float32)]
+    if transposed:
+        blocks += [(t.bm * t.r, x.dtype), (t.r * t.k, jnp.float32)]
+    resident = 2 * sum(size * jnp.dtype(dtype).itemsize for size, dtype in blocks)
+    return resident + 4 * (t.bm * t.bn + t.bm * t.r)
 
 
 def _is_tpu_interpretation(interpret) -> bool:
@@ -255,12 +370,19 @@ def _is_tpu_interpretation(interpret) -> bool:
 
     return isinstance(interpret, pltpu.InterpretParams)
 
-def _compiler_params(platform: str):
+
+def _compiler_params(platform: str, vmem_bytes: int):
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
-        # Columns "arbitrary": every column tile rewrites the same rows of xa, so they must not be split
-        # over the two TensorCores of a chip; rows are independent; the contraction accumulates.
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"))
+        if vmem_bytes > _VMEM_MAX:
+            raise ValueError(f"The LoRA kernel's blocks need {vmem_bytes / 2**20:.0f} MiB of VMEM, more than a "
+                             f"TPU core has ({_VMEM_MAX >> 20} MiB): choose smaller Blocks.")
+        # Columns "arbitrary": every column tile rewrites the same rows of xa (and the first one writes dB's
+        # partial sums), so they must not be split over the two TensorCores of a chip; rows are independent;
+        # the contraction accumulates.
+        return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+                                    vmem_limit_bytes=min(_VMEM_MAX, vmem_bytes + (4 << 20))
+                                    if vmem_bytes > _VMEM_DEFAULT // 2 else None)
     if platform in ("cuda", "gpu"):
         from jax.experimental.pallas import triton as pltriton
         return pltriton.CompilerParams(num_warps=4, num_stages=2)

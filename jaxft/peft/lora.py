@@ -123,7 +123,7 @@ class LoRALinear(nnx.Module):
         if isinstance(base, QuantizedLinear):
             kernel, w_scale = base.codes.get_value(), base.scales.get_value()
         else:
-            kernel, w_scale = base.kernel.get_value().astype(dtype), jnp.ones((base.out_features,), jnp.float32)
+            kernel, w_scale = base.kernel.get_value().astype(dtype), None
         fused = functools.partial(lora_matmul, scale=self.scale, kernel=self.matmul)
         mesh = sharding.active_mesh()
         if mesh is None:
@@ -185,14 +185,14 @@ def _fused_on_mesh(fused, mesh, rows, kernel, w_scale, a, b, axes):
     rows_axis, in_split, out_split = sharding.BATCH_AXES, split(spec[0]), split(spec[1])
     P = jax.sharding.PartitionSpec
 
-    def local(x, w, w_scale, a, b):
-        y = fused(x, w, a, b, w_scale=w_scale)
+    def local(x, w, a, b, *w_scale):
+        y = fused(x, w, a, b, w_scale=w_scale[0] if w_scale else None)
         return jax.lax.psum(y, "tensor") if in_split else y
 
-    return jax.shard_map(local, mesh=mesh, check_vma=False,
-                         in_specs=(P(rows_axis, in_split), P(in_split, out_split), P(out_split), P(in_split, None),
-                                   P(None, out_split)),
-                         out_specs=P(rows_axis, out_split))(rows, kernel, w_scale, a, b)
+    operands = (rows, kernel, a, b) + (() if w_scale is None else (w_scale,))
+    specs = (P(rows_axis, in_split), P(in_split, out_split), P(in_split, None), P(None, out_split), P(out_split))
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=specs[:len(operands)],
+                         out_specs=P(rows_axis, out_split))(*operands)
 
 
 class MergedGain(nnx.Variable):
