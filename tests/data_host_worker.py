@@ -19,22 +19,28 @@ from jaxft.config import base_config  # noqa: E402
 from jaxft.data import load, to_global  # noqa: E402
 
 
-def main(port, process_id, train_file, packing, out):
+def main(port, process_id, train_file, packing, streaming, out):
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(process_id))
     c = base_config()
     c.model.path, c.data.train, c.data.packing = os.environ["QUICKSTART_MODEL"], train_file, packing == "1"
+    c.data.streaming, c.data.shuffle_buffer = streaming == "1", 16
     c.train.steps, c.train.batch_size, c.train.seq_len = 3, 8, 64
     data = load(c, AutoTokenizer.from_pretrained(c.model.path))
     rows = sharding.batch_sharding(jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.MESH_AXES))
     part = sharding.process_rows(rows, 8)
+    if c.data.streaming:  # a stream has no index order: each process reads it all and keeps its rows
+        local_batches = [batch for _, batch, _ in data.train.batches(0, 3, part)]
+        full_batches = [batch for _, batch, _ in data.train.batches(0, 3)]
+    else:
+        local_batches = [data.train.batch(step, part) for step in range(3)]
+        full_batches = [data.train.batch(step) for step in range(3)]
     record = dict(devices=jax.device_count(), local_devices=jax.local_device_count(), steps=[])
-    for step in range(3):
-        local = data.train.batch(step, part)
+    for step, (local, full) in enumerate(zip(local_batches, full_batches, strict=True)):
         global_batch = to_global(local, rows, 8)
         gathered = multihost_utils.process_allgather(global_batch, tiled=True)
-        full = data.train.batch(step)
         record["steps"].append(dict(
-            units=data.train.order.indices(step)[part].tolist(),
+            units=None if c.data.streaming else data.train.order.indices(step)[part].tolist(),
+            local_ids=np.asarray(local["input_ids"]).tolist(),
             global_shape=list(global_batch["input_ids"].shape),
             gathered_equals_full=all(np.array_equal(gathered[k], full[k]) for k in full),
             local_rows=int(local["input_ids"].shape[0])))
