@@ -110,7 +110,7 @@ def case_config(case: dict):
     return small_config(**{"train.steps": STEPS, "train.batch_size": 8, "train.log_every_steps": 1,
                            "eval.every_steps": 0, "eval.max_batches": 1, "checkpoint.every_steps": STEPS,
                            "peft.method": case["method"], "peft.kernel": case.get("kernel", "auto"),
-                           "peft.quant": "int8",  # qlora cases
+                           "peft.quant": "int8", "peft.quant_embeddings": case["method"] == "qlora",  # qlora cases
                            "optim.name": "sgd", "optim.momentum": 0.9,
                            "optim.lr": 0.05, "optim.weight_decay": 0.01,
                            "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
@@ -158,7 +158,17 @@ def eight_devices(references):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    report["resharding_warnings"] = [line for line in proc.stderr.splitlines() if "rematerialization" in line]
     return root, report
+
+
+@pytest.mark.slow
+def test_no_layout_makes_xla_replicate_a_tensor(eight_devices):
+    """XLA warns "Involuntary full rematerialization" where it cannot go from one layout to the next and
+    replicates the whole tensor instead; the embedding lookups (float, and int8 with quant_embeddings in
+    the qlora case) are laid out in steps so that it never has to."""
+    _, report = eight_devices
+    assert report["resharding_warnings"] == [], "\n".join(report["resharding_warnings"][:2])
 
 
 @pytest.mark.slow

@@ -92,12 +92,13 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         # On a mesh: the table whole along the vocabulary (rows cannot be gathered across its
-        # split), the rows then split by width as the table is, then by batch over the same
-        # 'fsdp' devices (one all-to-all), and the caller adds 'data'. Asked to go from width to
-        # batch split in one step XLA found no direct way and replicated the rows ("involuntary
-        # full rematerialization").
+        # split), the token ids on every device (they are small), the rows then split by width as
+        # the table is, then by batch over the same 'fsdp' devices (one all-to-all), and the caller
+        # adds 'data'. Asked to go from width to batch split in one step XLA found no direct way and
+        # replicated the rows ("involuntary full rematerialization"); with the ids split by batch
+        # it did the same to the rows' gradient, to scatter it into the table's (full fine-tuning).
         table = constrain(self.embedding[...], (None, "embed"))
-        rows = constrain(jnp.take(table, ids, axis=0), (None, None, "embed"))
+        rows = constrain(jnp.take(table, constrain(ids, (None, None)), axis=0), (None, None, "embed"))
         return constrain(rows, ("batch_fsdp", None, None)).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:

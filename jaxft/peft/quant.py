@@ -36,6 +36,7 @@ from flax import nnx
 from jaxft.errors import ConfigError
 from jaxft.models.layers import Embed, Linear
 from jaxft.peft.select import get_module, path_str, set_module
+from jaxft.sharding import constrain
 
 KINDS = ("nf4", "int8")
 
@@ -318,9 +319,14 @@ class QuantizedEmbed(nnx.Module):
         return (codes.astype(jnp.float32) * scales[..., None]).astype(dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        codes = jnp.take(self.codes.get_value(), ids, axis=0)
-        scales = jnp.take(self.scales.get_value(), ids, axis=0)
-        return self._rows(codes, scales, self.dtype)
+        # On a mesh, laid out step by step as Embed's lookup is (jaxft/models/layers.py says why): in one
+        # step XLA replicated the gathered int8 rows ("involuntary full rematerialization").
+        codes, scales = self.codes.get_value(), self.scales.get_value()
+        ids = constrain(ids, (None, None))
+        codes = jnp.take(constrain(codes, (None, "embed")), ids, axis=0)
+        scales = jnp.take(constrain(scales, (None, "embed")[:scales.ndim]), ids, axis=0)
+        rows = constrain(self._rows(codes, scales, self.dtype), (None, None, "embed"))
+        return constrain(rows, ("batch_fsdp", None, None))
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the table, `x @ table.T`, dequantised per call (and again for the backward pass)."""
