@@ -213,7 +213,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     progress = Progress(total_steps, start_step, config.train.progress_bar)
     throughput = Throughput()
     evaluate_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id,
-                                     batch_sharding)
+                                     batch_sharding, eval_batch_size)
     last = {}
 
     def save(step):
@@ -288,9 +288,8 @@ def _without_dropout(model):
     return model
 
 
-def _evaluate(eval_fn, frozen, eval_set, config, pad_id, batch_sharding, params) -> dict:
+def _evaluate(eval_fn, frozen, eval_set, config, pad_id, batch_sharding, batch_size, params) -> dict:
     """Loss and perplexity over the eval set; every process reads each batch and passes on its own rows."""
-    batch_size = config.eval.batch_size or config.train.batch_size
     rows = sharding.process_rows(batch_sharding, batch_size)
     batches = data_lib.eval_batches(eval_set, batch_size, config.train.seq_len, pad_id, config.eval.max_batches)
     batches = (data_lib.to_global({k: v[rows] for k, v in b.items()}, batch_sharding, batch_size) for b in batches)
