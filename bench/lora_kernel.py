@@ -2,6 +2,7 @@
 
     python bench/lora_kernel.py                      # training shapes and decode shapes, bf16
     python bench/lora_kernel.py --shapes 8192,4096,4096,16 --iters 50 --passes train
+    python bench/lora_kernel.py --sweep              # the device's candidate blocks; the best per shape
 
 Imports only jax, numpy and jaxft/kernels/lora_matmul.py (loaded by path), so it runs on
 a machine that has JAX and nothing else: copy the repo, run it. Each shape is timed as a
@@ -82,13 +83,59 @@ def roofline_seconds(m, k, n, r, itemsize, device, train: bool) -> float | None:
     return max(flops / peak[0], bytes_moved / peak[1])
 
 
+# Block candidates for --sweep: (m, n, k[, warps, stages]). GPU: Triton matmul's usual tiles, and thin
+# row blocks with narrow columns for decode (more programs when M is 1-64). TPU: multiples of 128.
+SWEEP = {
+    "gpu": ["128,128,64,4,3", "128,128,32,4,4", "64,128,64,4,3", "128,64,64,4,3", "64,64,64,4,3",
+            "128,256,64,8,3", "256,128,64,8,3", "16,64,128,4,3", "16,128,128,4,3", "16,32,256,4,4"],
+    "tpu": ["128,128,128", "256,256,256", "256,512,512", "512,512,512", "128,512,1024", "8,512,1024",
+            "512,1024,512"],
+}
+
+
+def parse_blocks(text: str):
+    return lora_kernel.Blocks(*map(int, text.split(",")))
+
+
+def measure(shape, step, blocks_list, a, device):
+    """One JSON line per block candidate (XLA timed once), then, for several candidates, the best."""
+    m, k, n, r = shape
+    dtype = jnp.dtype(a.dtype)
+    keys = jax.random.split(jax.random.key(0), 4)
+    w = (jax.random.normal(keys[1], (k, n)) / np.sqrt(k)).astype(dtype)
+    args = (jax.random.normal(keys[0], (m, k), dtype), w, jax.random.normal(keys[2], (k, r)) / np.sqrt(k),
+            jax.random.normal(keys[3], (r, n)))
+    train = step == "train"
+    xla = time_step(step_fn("xla", 2.0, lora_kernel.Blocks(), train), args, a.warmup, a.iters)
+    bound = roofline_seconds(m, k, n, r, dtype.itemsize, device, train)
+    common = dict(bench="lora_kernel", device=device.device_kind, jax=jax.__version__, dtype=a.dtype, step=step,
+                  shape=dict(m=m, k=k, n=n, r=r), xla_ms=round(1e3 * xla, 4),
+                  roofline_ms=None if bound is None else round(1e3 * bound, 4))
+    results = []
+    for text in blocks_list:
+        try:
+            fused = time_step(step_fn("pallas", 2.0, parse_blocks(text), train), args, a.warmup, a.iters)
+        except Exception as e:  # a candidate the backend cannot compile (shared memory, VMEM): say so, go on
+            print(json.dumps(dict(common, blocks=text, error=f"{type(e).__name__}: {str(e)[:300]}")), flush=True)
+            continue
+        record = dict(common, blocks=text, pallas_ms=round(1e3 * fused, 4), speedup=round(xla / fused, 3),
+                      pallas_over_roofline=None if bound is None else round(fused / bound, 2))
+        results.append(record)
+        print(json.dumps(record), flush=True)
+    if len(blocks_list) > 1 and results:
+        print(json.dumps(dict(max(results, key=lambda rec: rec["speedup"]), best_of=len(blocks_list))), flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", help="M,K,N,r[;M,K,N,r...] (default: the training and decode shapes)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--block", default="128,128,128", help="block_m,block_n,block_k")
+    p.add_argument("--block", default="128,128,128", help="m,n,k[,warps,stages][;...]: the kernel's Blocks, "
+                   "several separated by ';' (warps and stages: GPU only)")
+    p.add_argument("--sweep", action="store_true", help="time the device's candidate blocks (SWEEP) and report "
+                   "the best for each shape and pass")
     p.add_argument("--passes", default="forward,train", help="forward (decode, inference) and/or train "
                    "(forward + backward)")
     p.add_argument("--allow-cpu", action="store_true")
@@ -97,22 +144,9 @@ def main(argv=None):
     if device.platform == "cpu" and not a.allow_cpu:
         p.error("no accelerator: on CPU the kernel is interpreted and its timing means nothing (--allow-cpu)")
     shapes = ([tuple(map(int, s.split(","))) for s in a.shapes.split(";")] if a.shapes else TRAINING + DECODE)
-    dtype = jnp.dtype(a.dtype)
-    blocks = lora_kernel.Blocks(*map(int, a.block.split(",")))
-    for (m, k, n, r), step in itertools.product(shapes, a.passes.split(",")):
-        keys = jax.random.split(jax.random.key(0), 4)
-        w = (jax.random.normal(keys[1], (k, n)) / np.sqrt(k)).astype(dtype)
-        args = (jax.random.normal(keys[0], (m, k), dtype), w, jax.random.normal(keys[2], (k, r)) / np.sqrt(k),
-                jax.random.normal(keys[3], (r, n)))
-        train = step == "train"
-        xla = time_step(step_fn("xla", 2.0, blocks, train), args, a.warmup, a.iters)
-        fused = time_step(step_fn("pallas", 2.0, blocks, train), args, a.warmup, a.iters)
-        bound = roofline_seconds(m, k, n, r, dtype.itemsize, device, train)
-        print(json.dumps(dict(
-            bench="lora_kernel", device=device.device_kind, jax=jax.__version__, dtype=a.dtype, step=step,
-            shape=dict(m=m, k=k, n=n, r=r), blocks=a.block, xla_ms=round(1e3 * xla, 4), pallas_ms=round(1e3 * fused, 4),
-            speedup=round(xla / fused, 3), roofline_ms=None if bound is None else round(1e3 * bound, 4),
-            pallas_over_roofline=None if bound is None else round(fused / bound, 2))), flush=True)
+    blocks_list = SWEEP["tpu" if device.platform == "tpu" else "gpu"] if a.sweep else a.block.split(";")
+    for shape, step in itertools.product(shapes, a.passes.split(",")):
+        measure(shape, step, blocks_list, a, device)
 
 
 if __name__ == "__main__":

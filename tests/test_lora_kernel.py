@@ -236,9 +236,12 @@ def test_benchmark_runs_and_reports_both_sides():
 
     from tests.conftest import ROOT
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_kernel.py"), "--allow-cpu", "--shapes",
-                          "64,256,128,8", "--iters", "1", "--warmup", "1", "--dtype", "float32"],
-                         capture_output=True, text=True, timeout=300, check=True).stdout
+                          "64,256,128,8", "--iters", "1", "--warmup", "1", "--dtype", "float32", "--block",
+                          "128,128,128;64,64,64,4,3"], capture_output=True, text=True, timeout=300, check=True).stdout
     records = [json.loads(line) for line in out.splitlines()]
-    assert [r["step"] for r in records] == ["forward", "train"]  # decode's pass, and a training step
+    # decode's pass, and a training step: each block candidate, then the better of the two
+    assert [(r["step"], r["blocks"], "best_of" in r) for r in records][:3] == [
+        ("forward", "128,128,128", False), ("forward", "64,64,64,4,3", False), ("forward", records[2]["blocks"], True)]
+    assert [r["step"] for r in records[3:]] == ["train"] * 3
     for record in records:
         assert record["shape"] == dict(m=64, k=256, n=128, r=8) and record["xla_ms"] > 0 and record["pallas_ms"] > 0

@@ -45,11 +45,14 @@ _VMEM_DEFAULT, _VMEM_MAX = 16 << 20, 64 << 20
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """Tile sizes: output rows `m`, output columns `n`, contraction step `k` (TPU: multiples of 8 and 128;
-    GPU: powers of two >= 16). Each is cut down to the padded extent where that is smaller."""
+    GPU: powers of two >= 16). Each is cut down to the padded extent where that is smaller. GPU only:
+    Triton's `warps` per program and pipeline `stages` of the contraction loop."""
 
     m: int = 128
     n: int = 128
     k: int = 128
+    warps: int = 4
+    stages: int = 2
 
 
 def lora_matmul_reference(x, w, a, b, scale: float, w_scale=None):
@@ -303,7 +306,7 @@ def _low_rank_matmul(x, w, w_scale, a, b, scale, *, xa=None, blocks: Blocks, pla
     options = dict(scale=scale, block_k=t.bk, quantised=quantised, transposed=transposed)
     kernel = functools.partial(_grid_kernel, **options) if tpu else functools.partial(
         _loop_kernel, steps=t.k // t.bk, **options)
-    params = None if interpret else _compiler_params(name, _vmem_bytes(t, operands, out_shape, transposed))
+    params = None if interpret else _compiler_params(name, _vmem_bytes(t, operands, out_shape, transposed), blocks)
     outs = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret,
         compiler_params=params, name="lora_matmul_bwd" if transposed else "lora_matmul", **extra,
@@ -371,7 +374,7 @@ def _is_tpu_interpretation(interpret) -> bool:
     return isinstance(interpret, pltpu.InterpretParams)
 
 
-def _compiler_params(platform: str, vmem_bytes: int):
+def _compiler_params(platform: str, vmem_bytes: int, blocks: Blocks = Blocks()):
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         if vmem_bytes > _VMEM_MAX:
@@ -385,5 +388,5 @@ def _compiler_params(platform: str, vmem_bytes: int):
                                     if vmem_bytes > _VMEM_DEFAULT // 2 else None)
     if platform in ("cuda", "gpu"):
         from jax.experimental.pallas import triton as pltriton
-        return pltriton.CompilerParams(num_warps=4, num_stages=2)
+        return pltriton.CompilerParams(num_warps=blocks.warps, num_stages=blocks.stages)
     return None
