@@ -229,6 +229,27 @@ def test_the_kernel_is_used_where_asked(monkeypatch):
         assert len(calls) == used, kind
 
 
+def test_the_log_says_where_the_kernel_runs(caplog):
+    """Asked for, the kernel's reach is logged: layers it cannot serve are counted and the reason named,
+    and on CPU the user is told it runs interpreted."""
+    from flax import nnx
+
+    from jaxft.models.hf import load_pretrained
+    from jaxft.peft import lora
+    from tests.conftest import QUICKSTART
+    caplog.set_level("INFO", logger="jaxft")
+    model = lambda: load_pretrained(QUICKSTART / "model")  # noqa: E731
+    lora.apply_lora(model(), lora.LoRAConfig(rank=4, kernel="pallas", targets="q_proj,v_proj"), rngs=nnx.Rngs(0))
+    assert "the fused Pallas kernel computes 6 of 6 LoRA layers\n" in caplog.text + "\n"
+    assert "runs the kernel interpreted" in caplog.text
+    caplog.clear()
+    lora.apply_lora(model(), lora.LoRAConfig(rank=4, dropout=0.1, kernel="pallas"), rngs=nnx.Rngs(0))
+    assert "the fused Pallas kernel computes 0 of" in caplog.text and "LoRA dropout" in caplog.text
+    caplog.clear()
+    lora.apply_lora(model(), lora.LoRAConfig(rank=4, kernel="auto"), rngs=nnx.Rngs(0))
+    assert "Pallas" not in caplog.text  # auto on CPU is XLA: nothing to say
+
+
 def test_benchmark_runs_and_reports_both_sides():
     """bench/lora_kernel.py on a tiny shape (its CPU figures mean nothing; this keeps it runnable)."""
     import subprocess

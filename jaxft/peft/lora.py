@@ -7,6 +7,7 @@ A starts random and B at zero, so step-0 outputs equal the base model's exactly.
 
 import dataclasses
 import functools
+import logging
 import math
 import re
 
@@ -20,6 +21,8 @@ from jaxft.kernels.lora_matmul import lora_matmul, use_pallas
 from jaxft.models.layers import Linear
 from jaxft.peft.quant import QuantizedLinear
 from jaxft.peft.select import TrainableFilter, path_str, set_module
+
+log = logging.getLogger("jaxft")
 
 # Module names never adapted by "all-linear", as in PEFT: the output head.
 _OUTPUT_LAYERS = ("lm_head",)
@@ -262,7 +265,20 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
         wrapped = LoRALinear(base, rank=config.rank, scale=config.scale, dropout=config.dropout, rngs=rngs,
                              use_dora=config.use_dora, kernel=config.kernel)
         set_module(model, name, wrapped)
+    _report_kernel(list(lora_modules(model).values()), config.kernel)
     return chosen
+
+
+def _report_kernel(layers: list, kernel: str) -> None:
+    """Where the fused kernel runs, when it was asked for or chosen, and why not on the other layers."""
+    if not use_pallas(kernel):
+        return
+    fused = sum(layer._fused() for layer in layers)
+    log.info("peft.kernel=%s: the fused Pallas kernel computes %d of %d LoRA layers%s", kernel, fused, len(layers),
+             "" if fused == len(layers) else " (DoRA, LoRA dropout and NF4 bases keep XLA's ops)")
+    if jax.default_backend() == "cpu":
+        log.warning("peft.kernel=%s on CPU runs the kernel interpreted: right, but far slower than XLA (it is "
+                    "there for tests). Use peft.kernel=auto (XLA on CPU).", kernel)
 
 
 def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
