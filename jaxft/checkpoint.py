@@ -26,10 +26,11 @@ def fingerprint(params) -> dict:
 
 
 class Checkpointer:
-    """Saves every `every_steps`, keeps the newest `keep`, restores the latest."""
+    """Saves every `every_steps`, keeps the newest `keep`, restores the latest. `subdir`: "checkpoints"
+    for resuming; "best" holds the parameters of the best evaluation (`eval.keep_best`)."""
 
-    def __init__(self, workdir, *, every_steps: int, keep: int, async_save: bool):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir, *, every_steps: int, keep: int, async_save: bool, subdir: str = "checkpoints"):
+        self.directory = pathlib.Path(workdir).absolute() / subdir
         self.every_steps = every_steps
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -43,7 +44,11 @@ class Checkpointer:
         return step % self.every_steps == 0
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Start saving `state` (a pytree) and `meta` (JSON) as checkpoint `step`."""
+        """Start saving `state` (a pytree) and `meta` (JSON) as checkpoint `step`; a step saved already
+        is kept as it is: a resumed run replays to the same state (and an interrupt right after a
+        save would otherwise fail on orbax's StepAlreadyExistsError instead of stopping)."""
+        if step in self.manager.all_steps():
+            return
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 

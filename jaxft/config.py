@@ -136,6 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
             every_steps=100,  # 0: only at the start and the end
             batch_size=config_dict.placeholder(int),  # default: train.batch_size
             max_batches=config_dict.placeholder(int),  # default: the whole eval set
+            # Stop after this many evaluations in a row without the eval loss falling by more than
+            # early_stopping_min_delta below its best (0: never stop early).
+            early_stopping_patience=0,
+            early_stopping_min_delta=0.0,
+            keep_best=False,  # export the parameters of the lowest eval loss (kept under <workdir>/best), not the last
         )
     )
 
@@ -244,8 +249,9 @@ def validate(config) -> None:
         _positive(config, key)
     for key in ("optim.warmup_steps", "optim.weight_decay", "optim.clip_norm",
                 "optim.end_lr_ratio", "eval.every_steps", "data.eval_fraction", "peft.dropout",
-                "data.min_tokens", "data.prefetch"):
+                "data.min_tokens", "data.prefetch", "eval.early_stopping_patience", "eval.early_stopping_min_delta"):
         _positive(config, key, allow_zero=True)
+    _validate_early_stopping(config)
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1).")
     if not 0.0 <= config.peft.dropout < 1.0:
@@ -263,6 +269,18 @@ def validate(config) -> None:
     if config.train.batch_size % config.optim.grad_accum_steps:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must divide by "
                           f"optim.grad_accum_steps={config.optim.grad_accum_steps}.")
+
+
+def _validate_early_stopping(config) -> None:
+    stopping, keep_best = config.eval.early_stopping_patience, config.eval.keep_best
+    if not (stopping or keep_best):
+        return
+    asked = "eval.early_stopping_patience" if stopping else "eval.keep_best"
+    if config.data.eval is None and not config.data.eval_fraction:
+        raise ConfigError(f"{asked} judges the run by its eval loss: give data.eval or data.eval_fraction.")
+    if stopping and not config.eval.every_steps:
+        raise ConfigError("eval.early_stopping_patience counts evaluations during training: set eval.every_steps "
+                          "(0 evaluates only at the start and the end).")
 
 
 def _validate_peft(config) -> None:

@@ -7,8 +7,9 @@
    parameters and the frozen rest.
 3. Optimizer and state: optax over the trainable parameters only.
 4. Resume: the latest checkpoint in the workdir, if any.
-5. Loop: steps, logging, evaluation, checkpoints, NaN/Inf stop.
-6. Export: the adapter in PEFT format (and a merged or full HF model on request).
+5. Loop: steps, logging, evaluation, checkpoints, NaN/Inf stop, early stopping.
+6. Export: the adapter in PEFT format (and a merged or full HF model on request),
+   from the last step or, with `eval.keep_best`, the best evaluation.
 
 `train_step` and `eval_step` are top-level pure functions of
 (trainable params, frozen rest, batch); `jax.jit` compiles them once.
@@ -39,6 +40,7 @@ from jaxft.optim import build_optimizer, learning_rate_schedule
 from jaxft.peft import quant
 from jaxft.peft.lora import with_dropout_keys
 from jaxft.peft.select import format_parameter_table, parameter_table, split_model
+from jaxft.stopping import EarlyStopping
 
 log = logging.getLogger("jaxft")
 
@@ -200,13 +202,20 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     fingerprint = ckpt_lib.fingerprint(params)
     data_fingerprint = train_set.fingerprint()
+    stopper = EarlyStopping(config.eval.early_stopping_patience, config.eval.early_stopping_min_delta)
     if checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore(checkpoints.latest_step(), state, fingerprint)
         _check_data_position(meta, order, int(state["step"]), data_fingerprint)
+        stopper.restore(meta.get("early_stopping"))
         log.info("Resumed from %s at step %d (data position %s)", checkpoints.directory, int(state["step"]),
                  meta.get("data_position"))
     start_step = int(state["step"])
     position = order.position(start_step) if order else None  # where the next batch is read
+    stop_step = start_step if stopper.should_stop else total_steps
+    if stopper.should_stop:
+        log.info("This run stopped early at step %d; exporting without training further.", stopper.stopped_at)
+    best = (ckpt_lib.Checkpointer(workdir, every_steps=1, keep=1, async_save=config.checkpoint.async_save,
+                                  subdir="best") if config.eval.keep_best else None)
 
     # 5. Loop -------------------------------------------------------------------
     writer = MetricWriter(workdir)
@@ -219,18 +228,30 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     def save(step):
         _check_finite(state)
         checkpoints.save(step, state, dict(step=step, data_position=position, rows_seen=step * batch_size,
-                                           data_fingerprint=data_fingerprint, fingerprint=fingerprint))
+                                           data_fingerprint=data_fingerprint, fingerprint=fingerprint,
+                                           early_stopping=stopper.to_meta()))
         if jax.process_index() == 0 and order is None:  # a stream's report grows as it is read
             _write_json(workdir / "data_report.json", dict(data.report, train=train_set.report()))
+
+    def judge(step, metrics):
+        """The eval loss against the best so far: the best's parameters kept, patience counted."""
+        if stopper.update(step, metrics["eval_loss"]) and best is not None:
+            best.save(step, dict(params=state["params"]), dict(step=step, eval_loss=metrics["eval_loss"],
+                                                                fingerprint=fingerprint))
+        if stopper.should_stop:
+            log.info("Early stopping at step %d: the eval loss has not fallen more than %g below its best (%.4f, "
+                     "step %d) for %d evaluations.", step, stopper.min_delta, stopper.best_loss, stopper.best_step,
+                     stopper.patience)
 
     if start_step == 0 and eval_set is not None:
         last = evaluate_now(state["params"])
         writer.write(0, last)
         log.info("step 0: %s", _fmt(last))
+        judge(0, last)
 
     window = []
     part = sharding.process_rows(batch_sharding, batch_size)  # the rows of each batch this process builds
-    batches = data_lib.Prefetcher(train_set.batches(start_step, total_steps, part), config.data.prefetch)
+    batches = data_lib.Prefetcher(train_set.batches(start_step, stop_step, part), config.data.prefetch)
     try:
         for step, batch, position in batches:
             state, metrics = step_fn(state, frozen, data_lib.to_global(batch, batch_sharding, batch_size))
@@ -247,26 +268,46 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                 last = {**last, **evaluate_now(state["params"])}
                 writer.write(done, {k: last[k] for k in last if k.startswith("eval_")})
                 log.info("step %d: %s", done, _fmt(last))
-            if checkpoints.due(done) or done == total_steps:
+                judge(done, last)
+            if checkpoints.due(done) or done == total_steps or stopper.should_stop:
                 save(done)
+            if stopper.should_stop:
+                break
     except KeyboardInterrupt:
         log.warning("Interrupted: saving a checkpoint at step %d to resume from.", int(state["step"]))
         save(int(state["step"]))
         raise
     finally:
         batches.close()
-        checkpoints.wait()
-        checkpoints.close()
+        for manager in (checkpoints, best):
+            if manager is not None:
+                manager.wait()
+                manager.close()
         progress.close()
         writer.close()
 
     # 6. Export -----------------------------------------------------------------
-    nnx.update(model, state["params"])
+    nnx.update(model, _best_params(workdir, state["params"], fingerprint) if best else state["params"])
     if jax.process_count() > 1:  # process 0 writes the files: it needs every shard
         nnx.update(model, sharding.gather(nnx.state(model)))
     if jax.process_index() == 0:
         export.export_run(model, method, tokenizer, config, workdir / "export")
     return last
+
+
+def _best_params(workdir, params, fingerprint):
+    """The parameters of the best evaluation, saved under <workdir>/best (`eval.keep_best`)."""
+    best = ckpt_lib.Checkpointer(workdir, every_steps=1, keep=1, async_save=False, subdir="best")
+    try:
+        step = best.latest_step()
+        if step is None:  # no evaluation ran (a resumed run that had ended): the parameters as they are
+            return params
+        restored, meta = best.restore(step, dict(params=params), fingerprint)
+    finally:
+        best.close()
+    log.info("Exporting the parameters of the best evaluation (eval.keep_best): step %d, eval loss %.4f",
+             step, meta["eval_loss"])
+    return restored["params"]
 
 
 def _start_steps(method, params):
