@@ -300,7 +300,9 @@ def _best_params(workdir, params, fingerprint):
     best = ckpt_lib.Checkpointer(workdir, every_steps=1, keep=1, async_save=False, subdir="best")
     try:
         step = best.latest_step()
-        if step is None:  # no evaluation ran (a resumed run that had ended): the parameters as they are
+        if step is None:
+            log.warning("eval.keep_best: no evaluation was saved under %s (was the run started without "
+                        "keep_best?); exporting the last parameters.", best.directory)
             return params
         restored, meta = best.restore(step, dict(params=params), fingerprint)
     finally:

@@ -125,3 +125,14 @@ def test_a_step_saved_twice_keeps_the_first(tmp_path):
     ckpt.close()
     np.testing.assert_array_equal(state["params"], np.ones(3))
 
+
+
+def test_keep_best_with_nothing_saved_says_so_and_exports_the_last(tmp_path, caplog):
+    """Resumed with keep_best after a run without it, nothing is under best/: the last parameters are
+    exported, and the log says why."""
+    _run(tmp_path, "plain", **{"train.steps": 2})
+    last = _adapter(tmp_path / "plain")
+    caplog.set_level("WARNING", logger="jaxft")
+    _run(tmp_path, "plain", **{"train.steps": 2, "eval.keep_best": True})
+    assert "no evaluation was saved" in caplog.text
+    assert all(np.array_equal(v, last[k]) for k, v in _adapter(tmp_path / "plain").items())
