@@ -5,7 +5,8 @@ An evaluation improves on the best so far when its loss is lower by more than
 EarlyStopping semantics; with min_delta = 0, Hugging Face's EarlyStoppingCallback
 decides the same). The best evaluation is tracked whether or not stopping is on,
 for `eval.keep_best`. The state travels in each checkpoint's meta, so a resumed run
-counts on from where it stopped.
+counts on from where it stopped; a stopped run resumed with a larger patience (or none)
+trains on.
 """
 
 import dataclasses
@@ -45,5 +46,7 @@ class EarlyStopping:
         if not meta:
             return
         self.best_loss = math.inf if meta["best_loss"] is None else meta["best_loss"]
-        self.best_step, self.stopped_at = meta["best_step"], meta["stopped_at"]
-        self.evals_without_improvement = meta["evals_without_improvement"]
+        self.best_step, self.evals_without_improvement = meta["best_step"], meta["evals_without_improvement"]
+        # Stopped stays stopped under the same patience; a larger one (or 0) lets the run go on.
+        out_of_patience = self.patience and self.evals_without_improvement >= self.patience
+        self.stopped_at = meta["stopped_at"] if out_of_patience else None

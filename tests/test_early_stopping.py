@@ -85,6 +85,10 @@ def test_patience_stops_the_run_and_keep_best_exports_the_best_evaluation(tmp_pa
     trainer.run(config, tmp_path / "stopped")
     again = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in again) == 2
+    config.eval.early_stopping_patience = 0  # asked to go on: it trains to the end
+    trainer.run(config, tmp_path / "stopped")
+    more = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in more) == 6
 
 
 def test_keep_best_exports_the_parameters_of_the_lowest_eval_loss(tmp_path):
