@@ -224,6 +224,27 @@ def test_cache_is_used_and_keyed_by_settings(tmp_path, tokenizer, caplog):
     assert len(changed.train.examples) == 2
 
 
+def test_two_writers_of_one_cache_both_succeed(tmp_path, tokenizer, monkeypatch):
+    """The processes of a multi-host job share the workdir: a second writer that saves and renames while
+    the first is between its save and its rename must not take the first one's file away (it did, with
+    one temporary name for all: FileNotFoundError in the two-process training test)."""
+    from jaxft.data import pipeline
+    examples = load(run_config(tmp_path, [{"text": f"row {i}"} for i in range(6)]), tokenizer).train.examples
+    path, real_savez, nested = tmp_path / "cache" / "key.npz", np.savez, []
+
+    def savez_then_the_other_writer(file, **arrays):
+        real_savez(file, **arrays)
+        if not nested:  # between the first writer's save and its rename, the second writes the same cache
+            nested.append(file)
+            pipeline._write_cache(path, examples)
+
+    monkeypatch.setattr(pipeline.np, "savez", savez_then_the_other_writer)
+    pipeline._write_cache(path, examples)
+    monkeypatch.undo()
+    assert nested and [p.name for p in path.parent.iterdir()] == ["key.npz"]
+    np.testing.assert_array_equal(pipeline._read_cache(path).tokens, examples.tokens)
+
+
 # ----------------------------------------------------------------------------- order
 
 

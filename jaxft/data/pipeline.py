@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import uuid
 
 import numpy as np
 
@@ -145,7 +147,9 @@ def _cache_key(source, fmt, tokenizer, cfg, seq_len, label_names) -> str:
 
 def _write_cache(path: pathlib.Path, ex: Examples) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    # A name of its own per writer: the processes of a multi-host job share the workdir and write the
+    # same cache at once; with one shared temporary name one's rename took the other's file away.
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
     arrays = dict(tokens=ex.tokens, loss_mask=ex.loss_mask, offsets=ex.offsets, origin=ex.origin,
                   report=np.frombuffer(json.dumps(ex.report).encode(), np.uint8))
     if ex.labels is not None:
