@@ -306,7 +306,7 @@ def _low_rank_matmul(x, w, w_scale, a, b, scale, *, xa=None, blocks: Blocks, pla
     options = dict(scale=scale, block_k=t.bk, quantised=quantised, transposed=transposed)
     kernel = functools.partial(_grid_kernel, **options) if tpu else functools.partial(
         _loop_kernel, steps=t.k // t.bk, **options)
-    params = None if interpret else _compiler_params(name, _vmem_bytes(t, operands, out_shape, transposed), blocks)
+    params = None if interpret else _compiler_params(name, _vmem_bytes(t, x.dtype, w.dtype, transposed), blocks)
     outs = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret,
         compiler_params=params, name="lora_matmul_bwd" if transposed else "lora_matmul", **extra,
@@ -356,13 +356,12 @@ def _grid_specs(t: _Tiling, transposed: bool, quantised: bool):
     return (t.m // t.bm, t.n // t.bn, t.k // t.bk), specs(inputs), specs(outputs), dict(scratch_shapes=scratch)
 
 
-def _vmem_bytes(t: _Tiling, operands, out_shape, transposed: bool) -> int:
+def _vmem_bytes(t: _Tiling, x_dtype, w_dtype, transposed: bool) -> int:
     """What the TPU form keeps in VMEM: two buffers of each operand's and output's block, and the scratch."""
-    x, w = operands[:2]
-    blocks = [(t.bm * t.bk, x.dtype), (t.bk * t.bn, w.dtype), (t.bk * t.r, x.dtype), (t.bn * t.r, x.dtype),
-              (t.bn, jnp.float32), (t.bm * t.bn, x.dtype), (t.bm * t.r, jnp.float32)]
+    blocks = [(t.bm * t.bk, x_dtype), (t.bk * t.bn, w_dtype), (t.bk * t.r, x_dtype), (t.bn * t.r, x_dtype),
+              (t.bn, jnp.float32), (t.bm * t.bn, x_dtype), (t.bm * t.r, jnp.float32)]
     if transposed:
-        blocks += [(t.bm * t.r, x.dtype), (t.r * t.k, jnp.float32)]
+        blocks += [(t.bm * t.r, x_dtype), (t.r * t.k, jnp.float32)]
     resident = 2 * sum(size * jnp.dtype(dtype).itemsize for size, dtype in blocks)
     return resident + 4 * (t.bm * t.bn + t.bm * t.r)
 

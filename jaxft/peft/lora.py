@@ -256,6 +256,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
     """Wrap the targeted linears in place; returns the wrapped module paths."""
     modules = linear_modules(model)
     chosen = select_targets(list(modules), config.targets)
+    layers = []
     for name in chosen:
         base = modules[name]
         if config.rank > min(base.in_features, base.out_features):
@@ -265,7 +266,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
         wrapped = LoRALinear(base, rank=config.rank, scale=config.scale, dropout=config.dropout, rngs=rngs,
                              use_dora=config.use_dora, kernel=config.kernel)
         set_module(model, name, wrapped)
-    _report_kernel(list(lora_modules(model).values()), config.kernel)
+        layers.append(wrapped)
+    _report_kernel(layers, config.kernel)
     return chosen
 
 
