@@ -54,7 +54,7 @@ def _plain(value):
 
 
 class Progress:
-    """A progress bar over optimizer steps showing loss, lr and tokens/s; tqdm supplies the ETA."""
+    """A progress bar over optimizer steps showing loss, lr, tokens/s and MFU; tqdm supplies the ETA."""
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled and jax.process_index() == 0
@@ -64,8 +64,10 @@ class Progress:
                         mininterval=interval, maxinterval=max(interval, 10.0), disable=not self.enabled)
 
     def update(self, step: int, metrics: dict) -> None:
-        shown = {k: metrics[k] for k in ("loss", "lr", "tokens_per_sec", "eval_loss") if k in metrics}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "tokens_per_sec", "eval_loss") if k in metrics}
+        if "mfu" in metrics:  # only where the chip's peak is known (Throughput)
+            shown["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        self.bar.set_postfix(shown, refresh=False)
         self.bar.update(step - self.bar.n)  # redraws when tqdm's interval has passed
 
     def close(self) -> None:
@@ -73,11 +75,18 @@ class Progress:
 
 
 class Throughput:
-    """Tokens per second, and the share of wall time spent waiting for input, between two readings."""
+    """Tokens per second, the share of wall time spent waiting for input, and, given the FLOPs per token
+    (jaxft/flops.py), TFLOP/s per device and model FLOPs utilisation, between two readings."""
 
-    def __init__(self):
+    def __init__(self, flops_per_token: float | None = None, num_devices: int = 1, peak_flops: float | None = None,
+                 model_flops_per_token: float | None = None):
+        """`flops_per_token`: `FlopCount.computed` (what `mfu` uses); `model_flops_per_token`: `FlopCount.model_6n`
+        (reported as `mfu_6n`); `num_devices`: every device of the run (`jax.device_count()`), since the token
+        rate is all hosts'; `peak_flops`: one device's peak (`flops.peak_flops`), None where unknown."""
         self._last = time.perf_counter()
         self._waited = 0.0
+        self._flops = dict(flops_per_token=flops_per_token, num_devices=num_devices, peak_flops=peak_flops,
+                           model_flops_per_token=model_flops_per_token)
 
     def rates(self, tokens: int, input_wait_seconds: float) -> dict:
         """`input_wait_seconds` is the running total of time blocked on input (Prefetcher.wait_seconds)."""
@@ -85,4 +94,24 @@ class Throughput:
         elapsed = max(now - self._last, 1e-9)
         waited = input_wait_seconds - self._waited
         self._last, self._waited = now, input_wait_seconds
-        return dict(tokens_per_sec=tokens / elapsed, input_wait_fraction=round(min(waited / elapsed, 1.0), 4))
+        tokens_per_sec = tokens / elapsed
+        return dict(tokens_per_sec=tokens_per_sec, input_wait_fraction=round(min(waited / elapsed, 1.0), 4),
+                    **flop_rates(tokens_per_sec, **self._flops))
+
+
+def flop_rates(tokens_per_sec: float, flops_per_token: float | None, num_devices: int = 1,
+               peak_flops: float | None = None, model_flops_per_token: float | None = None) -> dict:
+    """`tflops_per_device` (10^12 FLOP/s each device did, counted as `flops_per_token`), and where the device's
+    peak is known `mfu` (that over the peak, a fraction) and, given `model_flops_per_token`, `mfu_6n` (the
+    PaLM/MaxText convention); keys without the numbers they need are left out, never filled in.
+
+    `tokens_per_sec` counts real tokens (padding excluded), so padding shows up as lost utilisation."""
+    if flops_per_token is None:
+        return {}
+    per_device = tokens_per_sec * flops_per_token / num_devices
+    out = dict(tflops_per_device=per_device / 1e12)
+    if peak_flops:
+        out["mfu"] = round(per_device / peak_flops, 4)
+        if model_flops_per_token is not None:
+            out["mfu_6n"] = round(tokens_per_sec * model_flops_per_token / num_devices / peak_flops, 4)
+    return out
