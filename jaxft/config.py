@@ -18,6 +18,9 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("warmup_cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "classification")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
+LAYER_LOOPS = ("auto", "scan", "unroll")
+ATTENTION_BACKENDS = ("auto", "xla", "chunked", "splash", "cudnn")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,7 +33,18 @@ def base_config() -> ml_collections.ConfigDict:
             path=config_dict.placeholder(str),  # local HF directory or hub id
             dtype="float32",  # compute dtype
             param_dtype="float32",  # storage dtype of the frozen pretrained weights
-            remat=False,  # recompute each block in the backward pass to save memory
+            # What each decoder block's backward pass recomputes instead of keeping (README "Scale up"):
+            # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload" (host memory).
+            remat="none",
+            # "scan": the decoder blocks under one lax.scan (compile time independent of depth);
+            # "unroll": a Python loop over them; "auto": unroll on CPU (measured faster), scan elsewhere.
+            layer_loop="auto",
+            # The attention kernel: "auto" (TPU: Pallas splash attention; NVIDIA GPU: cuDNN where it takes the
+            # case; CPU: "chunked"), "xla", "chunked", "splash", "cudnn" (jaxft/models/attention.py).
+            attention="auto",
+            # Positions per chunk of the output head and loss, so the [batch, seq, vocab] logits never exist
+            # whole (jaxft/losses.py); 0: whole rows in one chunk.
+            loss_chunk=1024,
         )
     )
 
@@ -233,6 +247,10 @@ def validate(config) -> None:
                           "e.g. --config.data.train=train.jsonl.")
     _choice(config, "model.dtype", DTYPES)
     _choice(config, "model.param_dtype", DTYPES)
+    _choice(config, "model.remat", REMAT_POLICIES)
+    _choice(config, "model.layer_loop", LAYER_LOOPS)
+    _choice(config, "model.attention", ATTENTION_BACKENDS)
+    _positive(config, "model.loss_chunk", allow_zero=True)
     _choice(config, "data.format", DATA_FORMATS)
     _choice(config, "data.too_long", ("truncate", "drop"))
     _choice(config, "data.on_bad_row", ("error", "skip"))

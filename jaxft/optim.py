@@ -11,6 +11,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from jaxft.models import stack
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -31,11 +34,14 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for parameters weight decay applies to: matrices, not norm scales or biases."""
+    """True for parameters weight decay applies to: matrices, not norm scales or biases (judged per layer:
+    a stacked decoder block's parameter has one axis more than each layer's, jaxft/models/stack.py)."""
     def decays(path, leaf):
         name = jax.tree_util.keystr(path, simple=True, separator=".")
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(value=decays(path, leaf.get_value()) and stack.layer_ndim(leaf) >= 2)
         return leaf.ndim >= 2 and "norm" not in name and not name.endswith("bias")
-    return jax.tree.map_with_path(decays, params)
+    return jax.tree.map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class HoldState(NamedTuple):

@@ -48,6 +48,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor", "fsdp"),
     "vocab": ("tensor", "fsdp"),
     "norm": (),
+    "layers": (),  # the leading axis of stacked decoder blocks (models/stack.py): each device holds every layer
     "length": (),
     "act_embed": (),
 }

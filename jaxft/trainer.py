@@ -30,12 +30,13 @@ from flax import nnx
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
 from jaxft import evaluate, export, peft, sharding
+from jaxft import flops as flops_lib
 from jaxft.config import validate
 from jaxft.errors import DataError, TrainingDivergedError
 from jaxft.host import tune_malloc
-from jaxft.losses import token_cross_entropy
+from jaxft.losses import chunked_cross_entropy_sum
 from jaxft.metrics import MetricWriter, Progress, Throughput
-from jaxft.models import hf
+from jaxft.models import hf, stack
 from jaxft.optim import build_optimizer, learning_rate_schedule
 from jaxft.peft import quant
 from jaxft.peft.lora import with_dropout_keys
@@ -50,24 +51,34 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # ----------------------------------------------------------------------------- steps
 
 
-def loss_sums(model, batch):
-    """(sum of next-token cross-entropy over target tokens, number of target tokens), float32."""
-    # Packed rows carry segment ids and restarting positions (jaxft/data/packing.py).
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+def loss_sums(model, batch, loss_chunk: int = 0):
+    """(sum of next-token cross-entropy over target tokens, number of target tokens), float32.
+
+    `loss_chunk` > 0: the head and the loss run over chunks of that many positions, so the
+    `[B, T, vocab]` logits never exist whole (jaxft/losses.py); 0: one chunk of the whole row.
+    """
+    # Packed rows carry segment ids and restarting positions (jaxft/data/packing.py); padding
+    # only ever ends a row (jaxft/data/batches.py).
+    hidden = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                                 right_padded=True)
     # Position t predicts token t+1. Shifting the small targets and weights instead of
-    # slicing the [B, T, vocab] logits saves a copy of the largest tensor of the step;
-    # the last position gets weight 0.
+    # slicing the hidden states keeps every chunk aligned; the last position gets weight 0.
     targets = jnp.roll(batch["input_ids"], -1, axis=1)
     weights = jnp.pad(batch["loss_mask"][:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
-    return jnp.sum(token_cross_entropy(logits, targets) * weights), jnp.sum(weights)
+    head, head_params = model.output_head()
+    total = chunked_cross_entropy_sum(head, head_params, hidden, targets, weights,
+                                      chunk_size=loss_chunk or hidden.shape[1])
+    return total, jnp.sum(weights)
 
 
-def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int, dropout_key, mesh=None):
+def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int, dropout_key, mesh=None,
+               loss_chunk: int = 0):
     """One optimizer step over `accum_steps` micro-batches; never applies a non-finite update.
 
     The loss is the mean over all target tokens of the whole batch, so accumulation
     changes memory, not the result. `mesh`: lay activations out on it (jaxft/sharding.py).
+    `loss_chunk`: positions per chunk of the head and loss (`loss_sums`).
     """
     step = state["step"]
     key = jax.random.fold_in(dropout_key, step)
@@ -75,7 +86,7 @@ def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int
     def micro_loss(params, micro, i):
         model = nnx.merge(graphdef, params, with_dropout_keys(frozen, jax.random.fold_in(key, i)))
         with sharding.use_mesh(mesh):
-            return loss_sums(model, micro)
+            return loss_sums(model, micro, loss_chunk)
 
     def accumulate(carry, xs):
         grads, loss, count = carry
@@ -110,10 +121,10 @@ def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int
     return new_state, metrics
 
 
-def eval_step(params, frozen, batch, *, graphdef, mesh=None):
+def eval_step(params, frozen, batch, *, graphdef, mesh=None, loss_chunk: int = 0):
     """(loss sum, target tokens) of one eval batch, dropout off."""
     with sharding.use_mesh(mesh):
-        return loss_sums(nnx.merge(graphdef, params, frozen), batch)
+        return loss_sums(nnx.merge(graphdef, params, frozen), batch, loss_chunk)
 
 
 def init_state(params, frozen, tx, mesh):
@@ -172,10 +183,16 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     # QLoRA quantises each layer as it is read, so the float model never exists whole.
     on_param = quant.QuantSpec.from_config(config.peft).on_param if config.peft.method == "qlora" else None
     model = hf.load_pretrained(config.model.path, mesh=mesh, dtype=DTYPES[config.model.dtype], on_param=on_param,
-                               param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
+                               param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat,
+                               layer_loop=layer_loop(config.model.layer_loop), attention=config.model.attention)
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
     log.info("Trainable parameters (%s):\n%s", method.name,
              format_parameter_table(parameter_table(model, method.trainable)))
+    flop_count = flops_lib.train_flops_per_token(model, method.trainable, seq_len)
+    device_kind = jax.devices()[0].device_kind
+    peak = flops_lib.peak_flops(device_kind)
+    log.info("FLOPs per token: %s. Device %s: %s", flop_count.summary(), device_kind,
+             f"dense bf16 peak {peak / 1e12:g} TFLOP/s" if peak else "peak unknown, so no MFU")
     if method.name == "qlora":
         sizes = quant.weight_bytes(model)
         log.info("Quantised base (%s): %d layers, %s bytes vs %s in bfloat16 (%.3fx)", config.peft.quant,
@@ -190,10 +207,12 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, tx=tx, schedule=learning_rate_schedule(config.optim, total_steps),
-        accum_steps=config.optim.grad_accum_steps, dropout_key=jax.random.key(config.seed), mesh=mesh),
+        accum_steps=config.optim.grad_accum_steps, dropout_key=jax.random.key(config.seed), mesh=mesh,
+        loss_chunk=config.model.loss_chunk),
         in_shardings=(state_shardings, frozen_shardings, batch_sharding),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_graphdef, mesh=mesh),
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_graphdef, mesh=mesh,
+                                        loss_chunk=config.model.loss_chunk),
                       in_shardings=(state_shardings["params"], frozen_shardings, batch_sharding),
                       out_shardings=sharding.replicated(mesh))
 
@@ -220,7 +239,8 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     # 5. Loop -------------------------------------------------------------------
     writer = MetricWriter(workdir)
     progress = Progress(total_steps, start_step, config.train.progress_bar)
-    throughput = Throughput()
+    throughput = Throughput(flops_per_token=flop_count.computed, num_devices=jax.device_count(), peak_flops=peak,
+                            model_flops_per_token=flop_count.model_6n)
     evaluate_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id,
                                      batch_sharding, eval_batch_size)
     last = {}
@@ -312,12 +332,21 @@ def _best_params(workdir, params, fingerprint):
     return restored["params"]
 
 
+def layer_loop(name: str, platform: str | None = None) -> str:
+    """`model.layer_loop`, with "auto" resolved: a Python loop on CPU, where XLA schedules the unrolled blocks
+    faster (bench/README.md), one scan elsewhere (compile time independent of depth)."""
+    if name != "auto":
+        return name
+    return "unroll" if (platform or jax.default_backend()) == "cpu" else "scan"
+
+
 def _start_steps(method, params):
     """Per-parameter start steps for gradual unfreezing (None when everything trains from step 0)."""
     if method.start_step is None:
         return None
-    name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")  # noqa: E731
-    steps = jax.tree.map_with_path(lambda path, _: method.start_step(name(path)), params)
+    # Every layer of a stacked parameter starts at the same step (select.uniform_groups made it so).
+    steps = nnx.from_flat_state([(path, v.replace(value=method.start_step(stack.layer_names(path, v)[0])))
+                                 for path, v in nnx.to_flat_state(params)])
     counts = collections.Counter(jax.tree.leaves(steps))
     log.info("Gradual unfreezing (step: tensors that start training): %s",
              ", ".join(f"{step}: {n}" for step, n in sorted(counts.items())))

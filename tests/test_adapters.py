@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxft.errors import AdapterError, ConfigError
+from jaxft.models import stack
 from jaxft.models.hf import load_pretrained
 from jaxft.peft.adapters import (
     ACTIVATIONS,
@@ -18,7 +19,7 @@ from jaxft.peft.adapters import (
     trainable_filter,
 )
 from jaxft.peft.bitfit import bias_parameters, bitfit_filter
-from jaxft.peft.select import parameter_table, path_str
+from jaxft.peft.select import get_module, parameter_table, path_str
 from jaxft.trainer import loss_sums
 from tests.tiny_hf import padded_batch, save_tiny_model
 
@@ -91,7 +92,8 @@ def test_step0_identity_placement_and_counts(model_dirs, model_type, kind, per_l
     cfg = model.config
     outputs = ["self_attn.o_proj", "mlp.down_proj"][2 - per_layer:]
     assert sorted(wrapped) == sorted(f"model.layers.{i}.{o}" for i in range(cfg.num_layers) for o in outputs)
-    assert sorted(adapter_modules(model)) == sorted(wrapped)
+    # One module per output projection, holding every layer's adapter stacked (jaxft/models/stack.py).
+    assert sorted(adapter_modules(model)) == sorted(f"model.layers.0.{o}" for o in outputs)
     hidden = cfg.hidden_size
     tensors, params = _trainable_counts(model, trainable_filter())
     assert tensors == 4 * per_layer * cfg.num_layers
@@ -111,12 +113,15 @@ def test_training_moves_only_adapters(model_dirs, model_type, kind):
     assert frozen_before.keys() == frozen_after.keys()
     for name, value in frozen_before.items():
         np.testing.assert_array_equal(frozen_after[name], value, err_msg=name)
-    # Adam's two moments for the adapter tensors only, plus its step count: frozen weights hold no state.
-    assert opt_leaves == 2 * _trainable_counts(model, trainable_filter())[0] + 1
+    # Adam's two moments for the adapter tensors only (4 stacked ones per wrapped projection), plus its step
+    # count: frozen weights hold no state.
+    assert opt_leaves == 2 * 4 * len(adapter_modules(model)) + 1
 
     h = jax.random.normal(jax.random.key(1), (4, model.config.hidden_size))
-    for name, module in adapter_modules(trained).items():
-        assert not np.allclose(module.adapter(h), h), name
+    for i in range(model.config.num_layers):
+        for name in ("self_attn.o_proj", "mlp.down_proj")[2 - len(adapter_modules(trained)):]:
+            module = get_module(stack.layer_module(trained, i), name)
+            assert not np.allclose(module.adapter(h), h), (i, name)
     assert not np.allclose(_logits(trained, batch), base_logits)
 
 

@@ -101,7 +101,8 @@ def test_keep_best_exports_the_parameters_of_the_lowest_eval_loss(tmp_path):
     exported = _adapter(tmp_path / "best")
     import orbax.checkpoint as ocp
     saved = ocp.PyTreeCheckpointer().restore(tmp_path / "best" / "checkpoints" / str(best_step) / "state")
-    a = np.asarray(saved["params"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["lora_a"]["value"])
+    # The decoder blocks are stacked (one group, every layer): layer 0's A is the first slice.
+    a = np.asarray(saved["params"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["lora_a"]["value"])[0]
     np.testing.assert_array_equal(exported["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], a.T)
 
 

@@ -6,7 +6,7 @@ from flax import nnx
 
 from jaxft.errors import AdapterError
 from jaxft.models.hf import load_pretrained
-from jaxft.peft.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora, trainable_filter
+from jaxft.peft.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, lora_modules, merge_lora, trainable_filter
 from jaxft.peft.select import parameter_table
 from tests.tiny_hf import padded_batch, save_tiny_model
 
@@ -92,7 +92,7 @@ def test_filter_counts_only_lora(llama_dir):
     wrapped = apply_lora(model, LoRAConfig(rank=4, targets="q_proj,v_proj"), rngs=nnx.Rngs(0))
     rows = parameter_table(model, trainable_filter())
     trainable = sum(r["params"] for r in rows if r["trainable"])
-    expected = sum(4 * (m.base_layer.in_features + m.base_layer.out_features) for m in lora_modules(model).values())
+    expected = sum(4 * (m.base_layer.in_features + m.base_layer.out_features) for _, m, _ in lora_layers(model))
     assert trainable == expected and rows[0]["tensors"] == 2 * len(wrapped)
 
 
@@ -127,10 +127,12 @@ def test_dora_step0_is_the_base_and_magnitudes_train(llama_dir):
     base = _logits(load_pretrained(llama_dir), ids, mask)
     model = load_pretrained(llama_dir)
     apply_lora(model, LoRAConfig(rank=4, use_dora=True), rngs=nnx.Rngs(0))
-    np.testing.assert_array_equal(_logits(model, ids, mask), base)
+    # The gain m / ||W|| is 1 up to rounding: the scanned blocks compute ||W|| in compiled code, whose reduction
+    # may round differently from the eager one that initialised m.
+    np.testing.assert_allclose(_logits(model, ids, mask), base, atol=2e-5)
     rows = parameter_table(model, trainable_filter())
     expected = sum(4 * (m.base_layer.in_features + m.base_layer.out_features) + m.base_layer.out_features
-                   for m in lora_modules(model).values())
+                   for _, m, _ in lora_layers(model))
     assert sum(r["params"] for r in rows if r["trainable"]) == expected
 
 

@@ -431,7 +431,7 @@ def test_projections_are_replaceable_modules():
 @pytest.mark.parametrize("window", [None, 100])
 def test_causal_block_skipping_equals_full_attention(window):
     # T=256 takes the chunked path (64-query blocks); it must equal attending to every key under the same mask.
-    from jaxft.models.layers import _causal_chunk, dot_product_attention, make_attention_mask
+    from jaxft.models.attention import _causal_chunk, _chunked, visibility_mask
 
     b, t, heads, kv_heads, d = 2, 256, 4, 2, 16
     assert _causal_chunk(t, t) < t
@@ -441,7 +441,7 @@ def test_causal_block_skipping_equals_full_attention(window):
     v = jax.random.normal(kv, (b, t, kv_heads, d))
     attention_mask = jnp.ones((b, t), jnp.int32).at[1, 200:].set(0)
     segment_ids = jnp.concatenate([jnp.ones((b, 90), jnp.int32), jnp.full((b, t - 90), 2, jnp.int32)], axis=1)
-    mask = make_attention_mask(attention_mask, segment_ids, b, t, window)
-    chunked = dot_product_attention(q, k, v, mask, scale=d**-0.5, causal=True)
-    full = dot_product_attention(q, k, v, mask, scale=d**-0.5, causal=False)
+    mask = visibility_mask(b, t, t, window=window, segment_ids=segment_ids, kv_mask=attention_mask)
+    chunked = _chunked(q, k, v, mask, scale=d**-0.5, causal=True)
+    full = _chunked(q, k, v, mask, scale=d**-0.5, causal=False)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-6, rtol=0)

@@ -8,9 +8,10 @@ from jaxft import trainer
 from jaxft.checkpoint import Checkpointer
 from jaxft.config import base_config, validate
 from jaxft.errors import ConfigError
+from jaxft.models import stack
 from jaxft.models.hf import load_pretrained
 from jaxft.peft import prepare
-from jaxft.peft.select import parameter_table, path_str
+from jaxft.peft.select import parameter_table
 from tests.conftest import QUICKSTART
 from tests.test_trainer import small_config
 
@@ -26,7 +27,7 @@ def peft_cfg(**kw):
 def trained_names(**kw):
     model = load_pretrained(str(QUICKSTART / "model"))
     method = prepare(model, peft_cfg(**kw), rngs=nnx.Rngs(0))
-    names = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    names = list(stack.flat_layers(nnx.state(model, nnx.Param)))
     return {n for n in names if method.trainable.is_trainable(n)}, names, method, model
 
 
@@ -37,8 +38,8 @@ def test_top_blocks_embeddings_and_head_switches():
     assert trained == {"model.embed_tokens.embedding"}  # the quickstart model ties its head to these
     rows = parameter_table(model, method.trainable)
     assert sum(r["params"] for r in rows if r["trainable"]) == sum(
-        int(np.prod(v.get_value().shape)) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-        if path_str(p).startswith("model.layers.2.") or path_str(p) == "model.norm.scale")
+        int(np.prod(v.shape)) for n, v in stack.flat_layers(nnx.state(model, nnx.Param)).items()
+        if n.startswith("model.layers.2.") or n == "model.norm.scale")
 
 
 def test_patterns_first_match_wins_and_bang_freezes():
@@ -66,7 +67,7 @@ def test_unfreezing_needs_top_blocks():
 
 
 def _block_params(state_params, block):
-    flat = {path_str(p): np.asarray(v) for p, v in nnx.to_flat_state(state_params)}
+    flat = {k: np.asarray(v) for k, v in stack.flat_layers(state_params).items()}
     return {k: v for k, v in flat.items() if k.startswith(f"model.layers.{block}.")}
 
 
@@ -82,7 +83,9 @@ def test_gradual_unfreezing_holds_lower_blocks_until_their_step(tmp_path):
 
     def changed(step, block):
         saved = ckpt.manager.restore(step)["state"]["params"]
-        ours = {k: v for k, v in _flat(saved).items() if k.startswith(f"model.layers.{block}.")}
+        # Each block starts at its own step, so each is a stacked group of its own: group i is layer i.
+        assert all(v.shape[0] == 1 for k, v in _flat(saved).items() if k.startswith("model.layers."))
+        ours = {k: v[0] for k, v in _flat(saved).items() if k.startswith(f"model.layers.{block}.")}
         ref = _block_params(base_params, block)
         assert ours.keys() == ref.keys()
         return any(not np.array_equal(ours[k], ref[k]) for k in ours)

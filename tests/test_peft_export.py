@@ -21,6 +21,8 @@ from tests.tiny_hf import load_torch_model, padded_batch, save_tiny_model, torch
     ("qwen3", LoRAConfig(rank=4, alpha=4, targets=r"re:model\.layers\.\d+\.self_attn\.(q|k|o)_proj")),
     ("llama", LoRAConfig(rank=4, alpha=8, use_dora=True)),
     ("qwen2", LoRAConfig(rank=2, alpha=16, targets="q_proj,v_proj,down_proj", use_dora=True)),  # with biases
+    # Some layers only: the stacked blocks are split into groups (jaxft/models/stack.py) before wrapping.
+    ("llama", LoRAConfig(rank=4, alpha=8, targets=r"re:model\.layers\.1\.(self_attn\.q_proj|mlp\.up_proj)")),
 ])
 def test_peft_loads_adapter_with_same_logits(tmp_path, model_type, lora):
     base_dir = save_tiny_model(model_type, tmp_path / "base")

@@ -113,12 +113,16 @@ def case_config(case: dict):
                            "peft.quant": "int8", "peft.quant_embeddings": case["method"] == "qlora",  # qlora cases
                            "optim.name": "sgd", "optim.momentum": 0.9,
                            "optim.lr": 0.05, "optim.weight_decay": 0.01,
-                           "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+                           "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+                           "model.layer_loop": case.get("layer_loop", "auto")})
 
 
-CASES = [dict(name=f"{method}_{'x'.join(map(str, mesh))}", method=method, mesh=mesh)
-         for method, mesh in [("lora", (8, 1, 1)), ("lora", (1, 8, 1)), ("lora", (2, 2, 2)), ("lora", (1, 4, 2)),
-                              ("full", (1, 8, 1)), ("full", (2, 2, 2))]]
+# On CPU the decoder blocks run unrolled by default ("auto"); two cases run them under a scan, as on TPU/GPU.
+CASES = [dict(name=f"{method}_{'x'.join(map(str, mesh))}{'_scan' if loop == 'scan' else ''}", method=method,
+              mesh=mesh, layer_loop=loop)
+         for method, mesh, loop in [("lora", (8, 1, 1), "auto"), ("lora", (1, 8, 1), "auto"),
+                                    ("lora", (2, 2, 2), "auto"), ("lora", (1, 4, 2), "scan"),
+                                    ("full", (1, 8, 1), "auto"), ("full", (2, 2, 2), "scan")]]
 # The fused Pallas kernel (interpreted) through shard_map: column- and row-parallel layers on 'tensor',
 # over a float base and over an int8 one (dequantised in the kernel).
 CASES += [dict(name="lora_pallas_1x4x2", method="lora", mesh=(1, 4, 2), kernel="pallas"),
@@ -195,31 +199,42 @@ def _expected_spec(axes, mesh):
     return [rule[a][0] if len(rule[a]) == 1 else rule[a] or None for a in axes]
 
 
+def _stacked(spec_and_shape, layers=3):
+    """The layout of a decoder-block parameter, stacked over the quickstart model's 3 layers: the layer axis
+    whole on every device (jaxft/models/stack.py), the rest as one layer's would be."""
+    spec, shape = spec_and_shape
+    return [[None] + spec, [layers] + shape]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_parameters_and_optimizer_state_are_sharded_by_the_rules(eight_devices, case):
     _, report = eight_devices
     got, mesh = report["cases"][case["name"]], case["mesh"]
     n_fsdp, n_tensor = mesh[1], mesh[2]
+    # The decoder blocks are one stacked group, under the group's index 0.
     if case["method"] == "qlora":  # the int8 codes are laid out as the float kernel would be
         codes = "model.layers.0.mlp.gate_proj.base_layer.codes"
-        assert got["frozen"][codes] == [_expected_spec(("embed", "mlp"), mesh), [128 // n_fsdp, 352 // n_tensor]]
+        assert got["frozen"][codes] == _stacked([_expected_spec(("embed", "mlp"), mesh),
+                                                 [128 // n_fsdp, 352 // n_tensor]])
         return
     if case["method"] == "lora":  # A follows the base kernel's input axis, B its output axis
         a, b, kernel = ("model.layers.0.mlp.gate_proj." + s for s in ("lora_a", "lora_b", "base_layer.kernel"))
-        assert got["params"][a] == [_expected_spec(("embed", None), mesh), [128 // n_fsdp, 8]]
-        assert got["params"][b] == [_expected_spec((None, "mlp"), mesh), [8, 352 // n_tensor // n_fsdp]]
-        assert got["frozen"][kernel] == [_expected_spec(("embed", "mlp"), mesh), [128 // n_fsdp, 352 // n_tensor]]
+        assert got["params"][a] == _stacked([_expected_spec(("embed", None), mesh), [128 // n_fsdp, 8]])
+        assert got["params"][b] == _stacked([_expected_spec((None, "mlp"), mesh), [8, 352 // n_tensor // n_fsdp]])
+        assert got["frozen"][kernel] == _stacked([_expected_spec(("embed", "mlp"), mesh),
+                                                  [128 // n_fsdp, 352 // n_tensor]])
         trained = [a, b]
     else:
         kernel, table = "model.layers.0.mlp.gate_proj.kernel", "model.embed_tokens.embedding"
-        assert got["params"][kernel] == [_expected_spec(("embed", "mlp"), mesh), [128 // n_fsdp, 352 // n_tensor]]
+        assert got["params"][kernel] == _stacked([_expected_spec(("embed", "mlp"), mesh),
+                                                  [128 // n_fsdp, 352 // n_tensor]])
         assert got["params"][table] == [_expected_spec(("vocab", "embed"), mesh), [1024 // n_tensor, 128 // n_fsdp]]
         assert got["frozen"] == {}
         trained = [kernel, table]
     # Straight from the file each weight is already in its shards: no device held the whole model.
-    assert got["loaded"]["model.layers.0.mlp.gate_proj.kernel"] == [_expected_spec(("embed", "mlp"), mesh),
-                                                                    [128 // n_fsdp, 352 // n_tensor]]
+    assert got["loaded"]["model.layers.0.mlp.gate_proj.kernel"] == _stacked([_expected_spec(("embed", "mlp"), mesh),
+                                                                             [128 // n_fsdp, 352 // n_tensor]])
     for name in trained:  # the momentum lives where its parameter lives
         moments = [v for k, v in got["opt_state"].items() if k.endswith(name)]
         assert len(moments) == 1 and moments[0] == got["params"][name], (name, moments)
@@ -243,7 +258,7 @@ def test_a_checkpoint_restores_on_other_meshes_and_one_device(eight_devices):
     state, _ = source.restore(source.latest_step(), like, ckpt_lib.fingerprint(like["params"]))
     source.close()
     exported = _trained(root / saved_on, "lora")
-    a = np.asarray(state["params"]["model"]["layers"][0]["mlp"]["gate_proj"]["lora_a"].get_value())
+    a = np.asarray(state["params"]["model"]["layers"][0]["mlp"]["gate_proj"]["lora_a"].get_value())[0]  # layer 0
     np.testing.assert_array_equal(a.T, exported["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"])
 
 

@@ -197,9 +197,12 @@ def test_loss_sums_match_optax_cross_entropy():
     ids = rng.integers(0, 11, size=(2, 5)).astype(np.int32)
     loss_mask = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], np.int32)
 
-    class Fixed:
-        def __call__(self, input_ids, **masks_and_positions):
+    class Fixed:  # a "model" whose hidden states are the logits and whose head is the identity
+        def hidden_states(self, input_ids, **masks_and_positions):
             return jax.numpy.asarray(logits)
+
+        def output_head(self):
+            return (lambda params, h: h), {}
 
     total, count = trainer.loss_sums(Fixed(), dict(input_ids=ids, attention_mask=np.ones_like(ids),
                                                    loss_mask=loss_mask))

@@ -14,6 +14,7 @@ we (with a warning in the second case, which hints at a mis-declared config).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors' numpy loader reads BF16
 import numpy as np
 from flax import nnx
@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from jaxft import sharding
 from jaxft.errors import ModelLoadError
-from jaxft.models import FAMILIES, get_family
+from jaxft.models import FAMILIES, get_family, stack
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,25 @@ def _param_items(model: nnx.Module):
     return list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
-def hf_name_map(model: nnx.Module) -> dict[str, tuple[tuple, bool]]:
-    """HF tensor name -> (NNX parameter path, transpose?) for every parameter of `model`.
+@dataclasses.dataclass(frozen=True)
+class TensorSlot:
+    """Where a HF tensor lives in the model: the parameter's NNX path, the layer's position along a stacked
+    parameter's leading axis (None for a parameter that is not stacked), and whether torch's layout is the
+    transpose of ours."""
+
+    path: tuple
+    layer: int | None
+    transpose: bool
+
+
+def hf_name_map(model: nnx.Module) -> dict[str, TensorSlot]:
+    """HF tensor name -> its `TensorSlot` for every parameter of `model` (every layer of a stacked one).
 
     Works on abstract models (`nnx.eval_shape`) too. A parameter whose leaf
     has no HF counterpart (e.g. an unmerged LoRA factor) raises ValueError.
     """
     mapping = {}
-    for path, _ in _param_items(model):
+    for path, variable in _param_items(model):
         leaf = path[-1]
         if leaf not in _LEAF_TO_HF:
             raise ValueError(
@@ -107,7 +118,9 @@ def hf_name_map(model: nnx.Module) -> dict[str, tuple[tuple, bool]]:
                 f"(known leaves: {sorted(_LEAF_TO_HF)}); merge adapters into the base model first"
             )
         hf_leaf, transpose = _LEAF_TO_HF[leaf]
-        mapping[".".join(map(str, path[:-1] + (hf_leaf,)))] = (path, transpose)
+        stacked = stack.layer_ids(variable) is not None
+        for j, name in enumerate(stack.layer_names(path, variable)):
+            mapping[name.rpartition(".")[0] + "." + hf_leaf] = TensorSlot(path, j if stacked else None, transpose)
     return mapping
 
 
@@ -217,7 +230,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
 
     `path` is a local directory, or a Hub repo id where the Hub is reachable.
     `config_overrides` go to the family config (e.g. `dtype=jnp.bfloat16,
-    param_dtype=jnp.bfloat16, remat=True`). The model is built abstractly and
+    param_dtype=jnp.bfloat16, remat="full"`). The model is built abstractly and
     filled from the file one tensor at a time, so random initialisation is never
     paid. With a `mesh` (jaxft/sharding.py) each tensor goes from the file straight
     to its shards on the mesh's devices, so no device ever holds the whole model
@@ -259,30 +272,78 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
 
     shapes = _tensor_shapes(files)
     bad = []
-    for name, (p, transpose) in names.items():
-        expected = tuple(flat[p].get_value().shape)
-        found = shapes[name][::-1] if transpose else shapes[name]
+    for name, slot in names.items():
+        expected = tuple(flat[slot.path].get_value().shape)[0 if slot.layer is None else 1:]
+        found = shapes[name][::-1] if slot.transpose else shapes[name]
         if found != expected:
-            want = expected[::-1] if transpose else expected
+            want = expected[::-1] if slot.transpose else expected
             bad.append(f"{name}: expected {want}, found {shapes[name]}")
     if bad:
         raise ModelLoadError(f"mis-shaped tensors in {directory}: " + "; ".join(bad))
 
-    for name, array in _read_tensors(files, names):
-        p, transpose = names[name]
-        var = flat.pop(p)  # the model holds it now; a layer `on_param` replaces frees its float weight
-        host = (array.T if transpose else array).astype(var.get_value().dtype, copy=False)
-        var.set_value(jnp.asarray(host) if mesh is None else _on_mesh(host, var, mesh))
-        del var, array, host
-        if on_param is not None:
-            on_param(model, p)
+    by_param: dict[tuple, dict[int | None, str]] = {}
+    for name, slot in names.items():
+        by_param.setdefault(slot.path, {})[slot.layer] = name
+    with _TensorReader(files) as reader:
+        for p in [p for p in flat if p in by_param]:  # the model's order
+            var = flat.pop(p)  # the model holds it now; a layer `on_param` replaces frees its float weight
+            var.set_value(_load_param(reader, var, by_param[p], names, mesh))
+            del var
+            if on_param is not None:
+                on_param(model, p)
     return model
 
 
-def _on_mesh(host: np.ndarray, var: nnx.Variable, mesh):
-    """`host` laid out on `mesh` as the variable's logical axes say; each device copies only its shard."""
-    spec = sharding.spec_for(var.get_metadata().get("logical_axes"), host.shape, mesh)
-    return jax.make_array_from_callback(host.shape, jax.sharding.NamedSharding(mesh, spec), lambda i: host[i])
+class _TensorReader:
+    """Reads (blocks of) named tensors from a checkpoint's safetensors files, each file opened once."""
+
+    def __init__(self, files: Mapping[str, Path]):
+        self.files = files
+        self._open = contextlib.ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._open.close()
+
+    def read(self, name: str, index: tuple) -> np.ndarray:
+        """Block `index` (a tuple of slices, one per dimension) of tensor `name`, without reading the rest."""
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = self._open.enter_context(safe_open(file, framework="numpy"))
+        return self._handles[file].get_slice(name)[index]
+
+
+def _load_param(reader: _TensorReader, var: nnx.Variable, layer_names: dict, names: dict, mesh):
+    """The parameter's value from the files. Each device reads only its own block of each tensor (its shard
+    on `mesh`; the whole array on the default device without one), a stacked parameter one slice per layer,
+    so no host ever holds more than one device's part of a stacked parameter at a time."""
+    like = var.get_value()
+    shape, dtype = tuple(like.shape), like.dtype
+    if mesh is None:
+        target = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+        spec = sharding.spec_for(var.get_metadata().get("logical_axes"), shape, mesh)
+        target = jax.sharding.NamedSharding(mesh, spec)
+
+    def block(index):
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if None in layer_names:  # not stacked: one tensor
+            return _read_block(reader, layer_names[None], index, names).astype(dtype, copy=False)
+        layers = range(*index[0].indices(shape[0]))
+        return np.stack([_read_block(reader, layer_names[j], index[1:], names).astype(dtype, copy=False)
+                         for j in layers])
+
+    return jax.make_array_from_callback(shape, target, block)
+
+
+def _read_block(reader: _TensorReader, name: str, index: tuple, names: dict) -> np.ndarray:
+    """Block `index` (in our layout) of HF tensor `name`; a tensor stored transposed in torch is read transposed."""
+    if not names[name].transpose:
+        return reader.read(name, index)
+    return np.ascontiguousarray(reader.read(name, index[::-1]).T)
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -306,8 +367,11 @@ def to_hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     `lm_head.weight`, as in HF files. Adapters must be merged first.
     """
     params = dict(_param_items(model))
+    arrays: dict[tuple, np.ndarray] = {}
     out = {}
-    for name, (p, transpose) in hf_name_map(model).items():
-        array = np.asarray(params[p][...])
-        out[name] = np.ascontiguousarray(array.T) if transpose else array
+    for name, slot in hf_name_map(model).items():
+        if slot.path not in arrays:  # a stacked parameter is fetched once for all its layers
+            arrays[slot.path] = np.asarray(params[slot.path][...])
+        array = arrays[slot.path] if slot.layer is None else arrays[slot.path][slot.layer]
+        out[name] = np.ascontiguousarray(array.T) if slot.transpose else array
     return out

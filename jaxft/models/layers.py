@@ -25,11 +25,6 @@ from jaxft.sharding import constrain
 
 Dtype = Any
 
-# Masked attention scores get this instead of -inf, so a query that may see no
-# key at all (a padding row) softmaxes to a uniform row instead of NaN.
-_MASK_VALUE = float(np.finfo(np.float32).min)
-
-
 class Linear(nnx.Module):
     """`y = x @ kernel + bias` with kernel `[in, out]` (HF stores `[out, in]`).
 
@@ -187,83 +182,3 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
-
-
-# ---------------------------------------------------------------------------
-# Attention
-
-
-def make_attention_mask(
-    attention_mask: jax.Array | None,
-    segment_ids: jax.Array | None,
-    batch: int,
-    length: int,
-    sliding_window: int | None = None,
-) -> jax.Array:
-    """Boolean `[B, 1, T, T]` mask (True = may attend) for self-attention.
-
-    Combines causal order, padding keys (`attention_mask == 0`), packed
-    segments (a token sees only its own segment; segment 0 is padding) and an
-    optional sliding window (key within `sliding_window - 1` tokens back, as in
-    HF's `kv_idx > q_idx - sliding_window`).
-    """
-    q_idx = jnp.arange(length)[:, None]
-    k_idx = jnp.arange(length)[None, :]
-    allowed = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed = allowed & (k_idx > q_idx - sliding_window)
-    mask = jnp.broadcast_to(allowed, (batch, length, length))
-    if attention_mask is not None:
-        mask = mask & (attention_mask[:, None, :] != 0)
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = mask & same & (segment_ids[:, None, :] != 0)
-    return mask[:, None, :, :]
-
-
-def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, causal: bool = True
-) -> jax.Array:
-    """Grouped-query attention, softmax in float32.
-
-    q `[B, T, H, D]`, k/v `[B, S, K, D]` with H a multiple of K, mask
-    `[B, 1, T, S]` boolean. Query head h reads kv head `h // (H // K)` (HF's
-    `repeat_kv` order); the heads are grouped by a reshape so K/V are never
-    copied H/K times. `causal=True` promises that the mask never lets query i see
-    a key after position i, so blocks above the diagonal are skipped instead of
-    computed and masked. Returns `[B, T, H, D]` in q's dtype.
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    groups = h // kv_heads
-    # XLA's CPU dots are ~3x faster forward (~1.3x with backward) as plain 4-D
-    # [batch, heads, rows, D] products than as 5-D einsums with interleaved batch
-    # axes (measured; bench/README.md). So the query heads sharing a kv head are
-    # folded into the rows: [B, K, G*T, D] against [B, K, S, D].
-    q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    chunk = _causal_chunk(t, k.shape[2]) if causal else t
-    outs = []
-    for start in range(0, t, chunk):
-        # Queries [start, start + chunk) can only see keys before start + chunk.
-        end = start + chunk if causal else k.shape[2]
-        outs.append(_attend(q[:, :, :, start:start + chunk], k[:, :, :end], v[:, :, :end],
-                            mask[:, :, start:start + chunk, :end], scale))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
-def _causal_chunk(t: int, s: int, target: int = 64) -> int:
-    """Query-block size for causal block skipping: `target` when it tiles a square T x T, else T."""
-    return target if t == s and t % target == 0 and t >= 2 * target else t
-
-
-def _attend(q, k, v, mask, scale):
-    """q `[B, K, G, C, D]`, k/v `[B, K, S, D]`, mask `[B, 1, C, S]` -> `[B, K, G, C, D]`."""
-    b, kv_heads, groups, c, d = q.shape
-    rows = q.reshape(b, kv_heads, groups * c, d)
-    scores = jnp.einsum("bkrd,bksd->bkrs", rows, k, preferred_element_type=jnp.float32) * scale
-    row_mask = jnp.tile(mask, (1, 1, groups, 1))  # [B, 1, G*C, S]: row g*C + i is query i
-    scores = jnp.where(row_mask, scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kv_heads, groups, c, d)

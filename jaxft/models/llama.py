@@ -9,28 +9,31 @@ RoPE scaling (Llama 3.1+), tied embeddings (Llama 3.2 1B/3B, small Qwens).
 Attribute names mirror the HF module names, so a parameter's NNX path reads
 like its HF name (`model.layers[0].self_attn.q_proj.kernel` <->
 `model.layers.0.self_attn.q_proj.weight`); `jaxft.models.hf` relies on that.
+The decoder blocks are stacked (jaxft/models/stack.py): `model.layers` holds
+groups of layers whose variables have a leading layer axis, run under a scan;
+`stack.layer_names` turns a group's variable into the per-layer names above.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
 from jaxft.errors import ConfigError, ModelLoadError
+from jaxft.models import stack
+from jaxft.models.attention import ATTENTION_BACKENDS, Visibility
 from jaxft.models.layers import (
     ROPE_TYPES,
     Embed,
     Linear,
     RMSNorm,
     apply_rope,
-    dot_product_attention,
-    make_attention_mask,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -82,12 +85,25 @@ class LlamaConfig:
     model_type: str = "llama"
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
-    remat: bool = False  # rematerialise each decoder layer in the backward pass
+    # What the backward pass recomputes instead of keeping, per decoder block (stack.REMAT_NAMES):
+    # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload".
+    remat: str = "none"
+    layer_loop: str = "scan"  # "scan": the blocks under one lax.scan; "unroll": a Python loop (stack.LOOPS)
+    attention: str = "auto"  # the attention kernel (jaxft/models/attention.py BACKENDS)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
         set_("dtype", jnp.dtype(self.dtype))
         set_("param_dtype", jnp.dtype(self.param_dtype))
+        if isinstance(self.remat, bool):  # the old switch: True was "recompute the whole block"
+            set_("remat", "full" if self.remat else "none")
+        if self.remat not in stack.REMAT_NAMES:
+            raise ConfigError(f"remat={self.remat!r} is not a remat policy; choose one of "
+                              f"{', '.join(stack.REMAT_NAMES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention={self.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.layer_loop not in stack.LOOPS:
+            raise ConfigError(f"layer_loop={self.layer_loop!r}; choose one of {', '.join(stack.LOOPS)}")
         if self.rope_scaling is not None:
             set_("rope_scaling", FrozenDict(self.rope_scaling))
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -235,7 +251,7 @@ class LlamaAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, visibility: Visibility, window_index=None):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -243,7 +259,7 @@ class LlamaAttention(nnx.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5)
+        out = visibility.attend(q, k, v, scale=self.head_dim**-0.5, window_index=window_index)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -265,30 +281,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = _norm(cfg, cfg.hidden_size, rngs)
         self.post_attention_layernorm = _norm(cfg, cfg.hidden_size, rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, visibility: Visibility, window_index=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, visibility, window_index)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def _run_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
-    return layer(x, cos, sin, mask)
-
-
-def _run_layer_remat(layer: LlamaDecoderLayer, x, cos, sin, mask):
-    """The layer with its activations recomputed in the backward pass instead of stored:
-    memory for one layer instead of all of them.
-
-    `jax.checkpoint` on a pure function of the layer's state, not `nnx.remat`: the
-    training step differentiates a model merged from traced parameters, and
-    nnx.remat's state propagation refuses to write Params of another trace level
-    (flax TraceContextError). A forward pass changes no state, so nothing is lost.
-    """
-    graphdef, state = nnx.split(layer)
-
-    def pure(state, x, cos, sin, mask):
-        return nnx.merge(graphdef, state)(x, cos, sin, mask)
-
-    return jax.checkpoint(pure)(state, x, cos, sin, mask)
 
 
 class LlamaModel(nnx.Module):
@@ -296,7 +291,9 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        # One stacked group of every layer; methods may split it (stack.regroup).
+        make_layer = lambda key: LlamaDecoderLayer(cfg, rngs=nnx.Rngs(key))  # noqa: E731
+        self.layers = nnx.List([stack.build_group(make_layer, range(cfg.num_layers), rngs.params())])
         self.norm = _norm(cfg, cfg.hidden_size, rngs)
 
 
@@ -316,40 +313,68 @@ class LlamaForCausalLM(nnx.Module):
         # token embeddings. Declared as data so a module can be assigned to it later.
         self.prompt_encoder = nnx.data(None)
 
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None):
-        """Logits for `input_ids` `[B, T]`.
+    def __call__(self, input_ids, **kwargs):
+        """Float32 logits `[B, T, vocab]` for `input_ids` `[B, T]`; arguments as `hidden_states`."""
+        return self.logits(self.hidden_states(input_ids, **kwargs))
+
+    def hidden_states(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
+                      right_padded: bool = False):
+        """The final normed hidden states `[B, T, hidden]` for `input_ids` `[B, T]` (what the head reads).
 
         attention_mask: `[B, T]`, 1 = real token, 0 = padding (masked as a key).
         positions: `[B, T]` RoPE positions; default `arange(T)`. Left-padded or
             packed rows should pass their own (packing: restart at each segment).
         segment_ids: `[B, T]` ints for packed rows; a token attends only to
             earlier tokens of its own segment; 0 marks padding.
+        right_padded: a promise that padding only ever ends a row (as jaxft's batches do): then
+            causal order alone keeps every real token from seeing it, and attention drops the
+            padding mask (the fused kernels run unmasked; padding rows' outputs are unspecified).
 
         With `prompt_encoder` set, its virtual tokens precede every row and every
-        segment; the logits still cover the T input positions only.
+        segment; the output still covers the T input positions only.
         """
         cfg = self.config
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = constrain(self.model.embed_tokens(input_ids), _ACTIVATION_AXES)
-        mask_for = functools.partial(make_attention_mask, attention_mask, segment_ids, b, t)
+        windows = tuple(sorted({cfg.layer_window(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0))
+        kv_mask, dense_masks = (None if right_padded else attention_mask), None
         if self.prompt_encoder is not None:
-            # Prompt tuning puts virtual tokens in front: a longer x, shifted positions, and
-            # a mask that lets every token see them. Their outputs are dropped below.
-            x, positions, mask_for = self.prompt_encoder(x, attention_mask, positions, segment_ids)
+            # Prompt tuning puts virtual tokens in front: a longer x, shifted positions, padding that
+            # every token may see past, and for packed rows a mask no kernel expresses. Their outputs
+            # are dropped below.
+            x, positions, kv_mask, dense_mask_for = self.prompt_encoder(x, kv_mask, positions, segment_ids)
+            if dense_mask_for is not None:
+                dense_masks, segment_ids = tuple(dense_mask_for(w) for w in windows), None
+        visibility = Visibility(windows, cfg.attention, segment_ids=segment_ids, kv_mask=kv_mask,
+                                dense_masks=dense_masks)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        # Where layers differ in their window (Qwen2/3 layer_types), each layer's index into `windows` is
+        # scanned data.
+        per_layer = {}
+        if len(windows) > 1:
+            per_layer["window"] = np.array([windows.index(cfg.layer_window(i)) for i in range(cfg.num_layers)])
 
-        # One mask per distinct window (usually one), shared by the layers.
-        masks = {w: mask_for(w) for w in {cfg.layer_window(i) for i in range(cfg.num_layers)}}
-        run = _run_layer_remat if cfg.remat else _run_layer
-        for i, layer in enumerate(self.model.layers):
+        def block(layer, x, inputs):
             # Between blocks activations are split over the batch only: each block's weights are
             # gathered (FSDP) or its partial sums reduced (tensor parallelism) inside it.
-            x = constrain(run(layer, x, cos, sin, masks[cfg.layer_window(i)]), _ACTIVATION_AXES)
-        x = self.model.norm(x[:, -t:])  # logits for the T input positions only
+            return constrain(layer(x, cos, sin, visibility, inputs.get("window")), _ACTIVATION_AXES)
+
+        x = stack.run(self.model.layers, x, block, per_layer, loop=cfg.layer_loop, remat=cfg.remat)
+        return self.model.norm(x[:, -t:])  # the T input positions only
+
+    def output_head(self):
+        """`(apply, params)`: the language-model head as a pure function of its parameters, `apply(params,
+        hidden) -> logits` in the compute dtype (the untied `lm_head`, or the embedding's `attend` when tied),
+        so a loss can run it over chunks of tokens (jaxft/losses.py)."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        graphdef, params = nnx.split(head)
         if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
+            return (lambda p, h: nnx.merge(graphdef, p).attend(h)), params
+        return (lambda p, h: nnx.merge(graphdef, p)(h)), params
+
+    def logits(self, hidden):
+        """Float32 logits `[B, T, vocab]` of final hidden states `[B, T, hidden]`."""
+        head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
+        return head(hidden).astype(jnp.float32)

@@ -10,7 +10,7 @@ from flax import nnx
 from jaxft.peft import adapters, bitfit, partial, prompt, quant
 from jaxft.peft.lora import LoRAConfig, apply_lora
 from jaxft.peft.lora import trainable_filter as lora_filter
-from jaxft.peft.select import TrainableFilter
+from jaxft.peft.select import TrainableFilter, uniform_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +37,16 @@ def lora_config(peft_cfg) -> LoRAConfig:
 def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> Method:
     """Apply `config.peft` to `model` in place and return what trains.
 
-    `tokenizer` is needed only to initialise prompt tuning from text.
+    `tokenizer` is needed only to initialise prompt tuning from text. The model's stacked decoder
+    blocks are split where the method treats layers differently (select.uniform_groups), so that
+    each group can still run under one scan.
     """
+    method = _apply(model, peft_cfg, rngs=rngs, tokenizer=tokenizer)
+    uniform_groups(model, method.trainable, method.start_step)
+    return method
+
+
+def _apply(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> Method:
     if peft_cfg.method in ("lora", "qlora"):
         cfg = lora_config(peft_cfg)
         if peft_cfg.method == "qlora":  # a no-op for a model quantised while loading (trainer.py)

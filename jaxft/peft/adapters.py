@@ -17,6 +17,7 @@ the up projection's gradient act(down(h)) is non-zero while the down one is rand
 Adapters are non-linear, so unlike LoRA they cannot be merged into the base weights.
 """
 
+import functools
 import json
 import pathlib
 import re
@@ -28,6 +29,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxft.errors import AdapterError, ConfigError
+from jaxft.models import stack
 from jaxft.peft.select import TrainableFilter, path_str, set_module
 
 # The module each kind adapts, as a path suffix (regex) inside a decoder block.
@@ -54,14 +56,22 @@ class BottleneckAdapter(nnx.Module):
     biases zero, so the adapter is exactly the identity until the up projection trains.
     """
 
-    def __init__(self, hidden: int, bottleneck: int, *, activation: str = "relu", rngs: nnx.Rngs):
+    def __init__(self, hidden: int, bottleneck: int, *, activation: str = "relu", rngs: nnx.Rngs,
+                 stacked: dict | None = None, names: list[str] | None = None):
+        """`stacked` (`stack.stacked_like` of the wrapped layer's weight): one adapter per layer of stacked
+        decoder blocks, with a leading layer axis; layer i's down projection is drawn from `names[i]`."""
         _check_activation(activation)
+        stacked = stacked or {}
         self.activation = activation
-        init = _DOWN_INIT_STD * jax.random.normal(rngs.params(), (hidden, bottleneck), jnp.float32)
-        self.down_kernel = nnx.Param(init, logical_axes=("embed", None))
-        self.down_bias = nnx.Param(jnp.zeros((bottleneck,), jnp.float32), logical_axes=(None,))
-        self.up_kernel = nnx.Param(jnp.zeros((bottleneck, hidden), jnp.float32), logical_axes=(None, "embed"))
-        self.up_bias = nnx.Param(jnp.zeros((hidden,), jnp.float32), logical_axes=("embed",))
+        lead = (len(stacked["layer_ids"]),) if stacked else ()
+        names = names or [str(i) for i in range(lead[0] if lead else 1)]
+        normal = lambda key, shape, dtype: _DOWN_INIT_STD * jax.random.normal(key, shape, dtype)  # noqa: E731
+        init = stack.init_per_layer(normal, rngs.params(), names, (hidden, bottleneck), jnp.float32, stacked)
+        meta = functools.partial(stack.with_layer_axis, stacked=stacked)
+        self.down_kernel = nnx.Param(init, **meta(("embed", None)))
+        self.down_bias = nnx.Param(jnp.zeros(lead + (bottleneck,), jnp.float32), **meta((None,)))
+        self.up_kernel = nnx.Param(jnp.zeros(lead + (bottleneck, hidden), jnp.float32), **meta((None, "embed")))
+        self.up_bias = nnx.Param(jnp.zeros(lead + (hidden,), jnp.float32), **meta(("embed",)))
 
     def __call__(self, h):
         dtype = h.dtype
@@ -73,9 +83,12 @@ class BottleneckAdapter(nnx.Module):
 class AdaptedOutput(nnx.Module):
     """A projection whose output goes through a bottleneck adapter: y = adapter(base_layer(x))."""
 
-    def __init__(self, base_layer: nnx.Module, *, hidden: int, bottleneck: int, activation: str, rngs: nnx.Rngs):
+    def __init__(self, base_layer: nnx.Module, *, hidden: int, bottleneck: int, activation: str, rngs: nnx.Rngs,
+                 names: list[str] | None = None):
         self.base_layer = base_layer
-        self.adapter = BottleneckAdapter(hidden, bottleneck, activation=activation, rngs=rngs)
+        weight = base_layer.kernel if hasattr(base_layer, "kernel") else base_layer.codes
+        self.adapter = BottleneckAdapter(hidden, bottleneck, activation=activation, rngs=rngs,
+                                         stacked=stack.stacked_like(weight), names=names)
 
     def __call__(self, x):
         return self.adapter(self.base_layer(x))
@@ -103,10 +116,20 @@ def apply_adapters(model: nnx.Module, kind: str = "houlsby", bottleneck: int = 6
     if not chosen:
         raise AdapterError(f"{kind} adapters go after {' and '.join(KINDS[kind])} in each decoder block; "
                            f"this model has no such module.")
+    key, names = rngs.params(), []
     for name, module in chosen:
-        wrapped = AdaptedOutput(module, hidden=hidden, bottleneck=bottleneck, activation=activation, rngs=rngs)
+        layer_names = _layer_names(name, module)
+        wrapped = AdaptedOutput(module, hidden=hidden, bottleneck=bottleneck, activation=activation,
+                                rngs=nnx.Rngs(params=key), names=layer_names)
         set_module(model, name, wrapped)
-    return [name for name, _ in chosen]
+        names.extend(layer_names)
+    return names
+
+
+def _layer_names(name: str, module) -> list[str]:
+    """The per-layer names of the (possibly stacked) module at dotted path `name`."""
+    weight = module.kernel if hasattr(module, "kernel") else module.codes
+    return stack.layer_names(name.split("."), weight)
 
 
 def _check_activation(activation: str) -> None:
@@ -144,13 +167,17 @@ def save_adapters(model: nnx.Module, directory, *, kind: str, bottleneck: int, a
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors, modules = {}, []
     for name, module in adapter_modules(model).items():
+        layer_names = _layer_names(name, module.base_layer)
+        modules.extend(layer_names)
         for part in ("down_kernel", "down_bias", "up_kernel", "up_bias"):
-            tensors[f"{name}.adapter.{part}"] = np.asarray(getattr(module.adapter, part)[...], np.float32)
+            value = np.asarray(getattr(module.adapter, part)[...], np.float32)
+            stacked = stack.layer_ids(getattr(module.adapter, part)) is not None
+            for j, layer_name in enumerate(layer_names):  # each layer's slice under its own name
+                tensors[f"{layer_name}.adapter.{part}"] = np.ascontiguousarray(value[j] if stacked else value)
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "jaxft"})
     config = dict(adapter_type="BOTTLENECK", library="jaxft", kind=kind, bottleneck=bottleneck,
-                  activation=activation, base_model_name_or_path=base_model,
-                  modules=sorted(adapter_modules(model)))
+                  activation=activation, base_model_name_or_path=base_model, modules=sorted(modules))
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory

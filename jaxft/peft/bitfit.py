@@ -11,15 +11,16 @@ instead of running a silent no-op.
 from flax import nnx
 
 from jaxft.errors import AdapterError
-from jaxft.peft.select import TrainableFilter, path_str
+from jaxft.models import stack
+from jaxft.peft.select import TrainableFilter
 
 _BIAS = r".*\.bias"
 
 
 def bias_parameters(model: nnx.Module) -> list[str]:
     """The dotted paths of every bias parameter in the model ('model.layers.0.self_attn.q_proj.bias')."""
-    return [path_str(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
-            if path_str(path).endswith(".bias")]
+    return [name for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)) if path[-1] == "bias"
+            for name in stack.layer_names(path, variable)]
 
 
 def bitfit_filter(model: nnx.Module) -> TrainableFilter:

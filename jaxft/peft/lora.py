@@ -18,6 +18,7 @@ from flax import nnx
 from jaxft import sharding
 from jaxft.errors import AdapterError
 from jaxft.kernels.lora_matmul import lora_matmul, use_pallas
+from jaxft.models import stack
 from jaxft.models.layers import Linear
 from jaxft.peft.quant import QuantizedLinear
 from jaxft.peft.select import TrainableFilter, path_str, set_module
@@ -26,6 +27,7 @@ log = logging.getLogger("jaxft")
 
 # Module names never adapted by "all-linear", as in PEFT: the output head.
 _OUTPUT_LAYERS = ("lm_head",)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +53,13 @@ class DropoutKey(nnx.Variable):
 
 
 def with_dropout_keys(state, key):
-    """`state` with every DropoutKey replaced by its own key folded from `key`."""
+    """`state` with every DropoutKey replaced by its own key folded from `key` (one per layer of a stacked one)."""
     flat = dict(nnx.to_flat_state(state))
     keyed = [p for p, v in flat.items() if isinstance(v, DropoutKey)]
     for i, path in enumerate(keyed):
-        flat[path] = flat[path].replace(value=jax.random.fold_in(key, i))
+        own = jax.random.fold_in(key, i)
+        layers = stack.stack_shape(flat[path])
+        flat[path] = flat[path].replace(value=jax.random.split(own, layers) if layers else own)
     return nnx.from_flat_state(flat) if keyed else state
 
 
@@ -70,24 +74,34 @@ class LoRALinear(nnx.Module):
     """
 
     def __init__(self, base_layer: Linear, *, rank: int, scale: float, dropout: float, rngs: nnx.Rngs,
-                 use_dora: bool = False, kernel: str = "auto"):
-        # `rngs` only initialises A; dropout keys come from the training step.
+                 use_dora: bool = False, kernel: str = "auto", names: list[str] | None = None):
+        # `rngs` only initialises A; dropout keys come from the training step. A base inside stacked
+        # decoder blocks (jaxft/models/stack.py) has a leading layer axis; so do A, B and the rest here,
+        # and layer i's A is drawn from `rngs` and `names[i]` (its module name) alone.
         self.base_layer = base_layer
         self.scale = scale
         self.matmul = kernel  # "auto" | "pallas" | "xla": see `_fused`
+        stacked = stack.stacked_like(_weight_variable(base_layer))
+        layers = len(stacked.get("layer_ids", ()))
+        names = names or [str(i) for i in range(max(layers, 1))]
         # PEFT's default: kaiming-uniform(a=sqrt(5)) for A, which is U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / math.sqrt(base_layer.in_features)
+        uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
         # A and B are sharded like the base kernel on the dimension they share with it; the rank
         # dimension is small and stays whole.
         in_axis, out_axis = kernel_axes(base_layer)
+        lead = (layers,) if stacked else ()
         self.lora_a = nnx.Param(
-            jax.random.uniform(rngs.params(), (base_layer.in_features, rank), jnp.float32, -bound, bound),
-            logical_axes=(in_axis, None))
-        self.lora_b = nnx.Param(jnp.zeros((rank, base_layer.out_features), jnp.float32), logical_axes=(None, out_axis))
-        self.lora_magnitude = (nnx.Param(column_norms(base_kernel(base_layer)), logical_axes=(out_axis,))
-                               if use_dora else None)
+            stack.init_per_layer(uniform, rngs.params(), names, (base_layer.in_features, rank), jnp.float32, stacked),
+            **stack.with_layer_axis((in_axis, None), stacked))
+        self.lora_b = nnx.Param(jnp.zeros(lead + (rank, base_layer.out_features), jnp.float32),
+                                **stack.with_layer_axis((None, out_axis), stacked))
+        self.lora_magnitude = (nnx.Param(column_norms(base_kernel(base_layer)),
+                                         **stack.with_layer_axis((out_axis,), stacked)) if use_dora else None)
         self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
-        self.dropout_key = DropoutKey(jax.random.key(0)) if dropout > 0 else None
+        key = jax.random.key(0)
+        self.dropout_key = (DropoutKey(jax.random.split(key, layers) if stacked else key, **stacked)
+                            if dropout > 0 else None)
         self.merged_gain = nnx.data(None)  # set while merged (see merge): what unmerge divides DoRA's weight by
 
     def __call__(self, x):
@@ -145,14 +159,14 @@ class LoRALinear(nnx.Module):
     def dora_gain(self):
         """m / ||W + s A B|| per output feature, the norm a constant for gradients (DoRA section 4.3)."""
         norm = column_norms(base_kernel(self.base_layer).astype(jnp.float32) + self.delta())
-        return self.lora_magnitude.get_value() / jax.lax.stop_gradient(norm)
+        return self.lora_magnitude.get_value() / jax.lax.stop_gradient(norm)  # [..., out]
 
     def merged_kernel(self):
         """The adapted weight in the base kernel's dtype: W + s A B, or for DoRA g (W + s A B)."""
         kernel = base_kernel(self.base_layer)
         merged = kernel.astype(jnp.float32) + self.delta()
         if self.lora_magnitude is not None:
-            merged = merged * self.dora_gain()[None, :]
+            merged = merged * self.dora_gain()[..., None, :]
         return merged.astype(kernel.dtype)
 
 
@@ -163,17 +177,18 @@ class LoRALinear(nnx.Module):
         if not hasattr(self.base_layer, "kernel"):
             raise AdapterError("A quantised base (QLoRA) cannot hold the merged weight in place; merge_lora "
                                "builds float layers for export.")
-        gain = self.dora_gain() if self.lora_magnitude is not None else jnp.ones((self.base_layer.out_features,))
         kernel = self.merged_kernel()
+        gain = (self.dora_gain() if self.lora_magnitude is not None
+                else jnp.ones(kernel.shape[:-2] + (self.base_layer.out_features,)))
         self.base_layer.kernel.set_value(kernel)
-        self.merged_gain = nnx.data(MergedGain(gain))
+        self.merged_gain = nnx.data(MergedGain(gain, **stack.stacked_like(self.base_layer.kernel)))
 
     def unmerge(self) -> None:
         """Restore the base kernel: W = W' / g - s A B (g = 1 for LoRA); exact up to rounding."""
         if self.merged_gain is None:
             raise AdapterError("This LoRA layer is not merged.")
         kernel = self.base_layer.kernel.get_value()
-        restored = kernel.astype(jnp.float32) / self.merged_gain.get_value()[None, :] - self.delta()
+        restored = kernel.astype(jnp.float32) / self.merged_gain.get_value()[..., None, :] - self.delta()
         self.base_layer.kernel.set_value(restored.astype(kernel.dtype))
         self.merged_gain = nnx.data(None)
 
@@ -210,19 +225,44 @@ def base_kernel(layer):
 
 
 def kernel_axes(layer) -> tuple:
-    """The logical axes (in, out) of a Linear's kernel, or of the float kernel a quantised one stands for."""
-    axes = layer.kernel.get_metadata() if hasattr(layer, "kernel") else {"logical_axes": layer.kernel_axes}
-    return tuple(axes.get("logical_axes") or (None, None))
+    """The logical axes (in, out) of one layer's kernel of a Linear, or of the float kernel a quantised one
+    stands for (without the layer axis of stacked blocks)."""
+    if not hasattr(layer, "kernel"):
+        return tuple(layer.kernel_axes)
+    axes = tuple(layer.kernel.get_metadata().get("logical_axes") or (None, None))
+    return axes[-2:]
+
+
+def _weight_variable(layer) -> nnx.Variable:
+    """The variable holding a (possibly quantised) linear layer's weight: its stacking is the layer's."""
+    return layer.kernel if hasattr(layer, "kernel") else layer.codes
 
 
 def column_norms(kernel):
-    """L2 norm of each output feature's weights: columns of an [in, out] kernel (rows of HF's [out, in])."""
-    return jnp.linalg.norm(kernel.astype(jnp.float32), axis=0)
+    """L2 norm of each output feature's weights: columns of an [..., in, out] kernel (rows of HF's [out, in])."""
+    return jnp.linalg.norm(kernel.astype(jnp.float32), axis=-2)
 
 
 def linear_modules(model: nnx.Module) -> dict[str, Linear | QuantizedLinear]:
-    """Every plain or quantised (QLoRA) `Linear` in the model by dotted path ('model.layers.0.self_attn.q_proj')."""
+    """Every plain or quantised (QLoRA) `Linear` in the model by dotted path ('model.layers.0.self_attn.q_proj';
+    a module of stacked blocks is listed once, under its group's path)."""
     return {path_str(path): m for path, m in nnx.iter_modules(model) if type(m) in (Linear, QuantizedLinear)}
+
+
+def per_layer_modules(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
+    """Per-layer module name ('model.layers.3.self_attn.q_proj') -> (the module's dotted path, the layer's
+    position along its stacked axis, or None), for every linear module."""
+    out = {}
+    for path, module in linear_modules(model).items():
+        for name, j in _layers_of(path, _weight_variable(module)):
+            out[name] = (path, j)
+    return out
+
+
+def _layers_of(path: str, weight: nnx.Variable) -> list[tuple[str, int | None]]:
+    """(per-layer module name, position along the stacked axis or None) of the module at `path`."""
+    stacked = stack.layer_ids(weight) is not None
+    return [(name, j if stacked else None) for j, name in enumerate(stack.layer_names(path.split("."), weight))]
 
 
 def select_targets(names: list[str], targets: str) -> list[str]:
@@ -253,39 +293,66 @@ def _leaf_names(names):
 
 
 def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str]:
-    """Wrap the targeted linears in place; returns the wrapped module paths."""
-    modules = linear_modules(model)
-    chosen = select_targets(list(modules), config.targets)
-    layers = []
-    for name in chosen:
-        base = modules[name]
+    """Wrap the targeted linears in place; returns the wrapped per-layer module names.
+
+    Targets are chosen among per-layer names ('model.layers.3.self_attn.q_proj'); where they cover some
+    layers of a stacked group and not others, the group is split first (`stack.regroup`). Layer i's A
+    depends only on `rngs` and its name, however the layers are grouped.
+    """
+    names = list(per_layer_modules(model))
+    chosen = set(select_targets(names, config.targets))
+    stack.regroup_model(model, lambda i: frozenset(n.split(".", 3)[-1] for n in chosen if _layer_of(n) == i))
+    key = rngs.params()
+    by_module: dict[str, list[str]] = {}
+    for name, (module_path, _) in per_layer_modules(model).items():
+        by_module.setdefault(module_path, []).append(name)
+    modules, layers = linear_modules(model), []
+    for module_path, layer_names in by_module.items():
+        if not any(n in chosen for n in layer_names):
+            continue
+        base = modules[module_path]
         if config.rank > min(base.in_features, base.out_features):
-            raise AdapterError(f"peft.rank={config.rank} exceeds layer '{name}' "
+            raise AdapterError(f"peft.rank={config.rank} exceeds layer '{layer_names[0]}' "
                                f"({base.in_features} -> {base.out_features}); use a rank <= "
                                f"{min(base.in_features, base.out_features)}.")
-        wrapped = LoRALinear(base, rank=config.rank, scale=config.scale, dropout=config.dropout, rngs=rngs,
-                             use_dora=config.use_dora, kernel=config.kernel)
-        set_module(model, name, wrapped)
+        wrapped = LoRALinear(base, rank=config.rank, scale=config.scale, dropout=config.dropout,
+                             rngs=nnx.Rngs(params=key), use_dora=config.use_dora, kernel=config.kernel,
+                             names=layer_names)
+        set_module(model, module_path, wrapped)
         layers.append(wrapped)
     _report_kernel(layers, config.kernel)
-    return chosen
+    return [n for n in names if n in chosen]
+
+
+def _layer_of(name: str) -> int | None:
+    """The decoder layer a per-layer module name belongs to ('model.layers.3.mlp.up_proj' -> 3)."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
 
 
 def _report_kernel(layers: list, kernel: str) -> None:
     """Where the fused kernel runs, when it was asked for or chosen, and why not on the other layers."""
     if not use_pallas(kernel):
         return
-    fused = sum(layer._fused() for layer in layers)
-    log.info("peft.kernel=%s: the fused Pallas kernel computes %d of %d LoRA layers%s", kernel, fused, len(layers),
-             "" if fused == len(layers) else " (DoRA, LoRA dropout and NF4 bases keep XLA's ops)")
+    count = lambda layer: math.prod(stack.stack_shape(layer.lora_a))  # noqa: E731  (per layer of stacked blocks)
+    fused, total = sum(count(layer) for layer in layers if layer._fused()), sum(count(layer) for layer in layers)
+    log.info("peft.kernel=%s: the fused Pallas kernel computes %d of %d LoRA layers%s", kernel, fused, total,
+             "" if fused == total else " (DoRA, LoRA dropout and NF4 bases keep XLA's ops)")
     if jax.default_backend() == "cpu":
         log.warning("peft.kernel=%s on CPU runs the kernel interpreted: right, but far slower than XLA (it is "
                     "there for tests). Use peft.kernel=auto (XLA on CPU).", kernel)
 
 
 def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
-    """Every `LoRALinear` by dotted path."""
+    """Every `LoRALinear` by dotted path (a stacked one once, under its group's path)."""
     return {path_str(path): m for path, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)}
+
+
+def lora_layers(model: nnx.Module) -> list[tuple[str, LoRALinear, int | None]]:
+    """(per-layer module name, its `LoRALinear`, the layer's position along the stacked axis or None) for every
+    adapted layer: the units PEFT files speak of ('model.layers.3.self_attn.q_proj')."""
+    return [(name, module, j) for path, module in lora_modules(model).items()
+            for name, j in _layers_of(path, module.lora_a)]
 
 
 def trainable_filter() -> TrainableFilter:

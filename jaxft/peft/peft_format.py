@@ -5,7 +5,8 @@ The format (PEFT's `save_pretrained` for LoRA): tensors named
 `...lora_B.weight` with shape [out, r], torch layout, and for DoRA
 `...lora_magnitude_vector` with shape [out]; jaxft keeps A as [in, r]
 and B as [r, out], so both are transposed. NNX module paths already read as HF
-module paths (the model mirrors HF names), so names map one to one.
+module paths (the model mirrors HF names), so names map one to one; in stacked
+decoder blocks each layer's slice is a tensor of its own, under its layer's name.
 """
 
 import json
@@ -17,7 +18,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxft.errors import AdapterError
-from jaxft.peft.lora import LoRAConfig, apply_lora, linear_modules, lora_modules
+from jaxft.peft.lora import LoRAConfig, apply_lora, linear_modules, lora_layers, per_layer_modules
 
 _PREFIX = "base_model.model."
 
@@ -50,15 +51,18 @@ def lora_adapter_config(config: LoRAConfig, wrapped: list[str], base_model: str 
 
 def lora_tensors(model) -> dict[str, np.ndarray]:
     """The adapter's tensors under PEFT names, float32, torch layout."""
-    tensors = {}
-    for name, module in lora_modules(model).items():
-        a = np.asarray(module.lora_a.get_value(), np.float32)
-        b = np.asarray(module.lora_b.get_value(), np.float32)
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    tensors, arrays = {}, {}
+
+    def layer_slice(variable, j):
+        if id(variable) not in arrays:  # a stacked variable is fetched once for all its layers
+            arrays[id(variable)] = np.asarray(variable.get_value(), np.float32)
+        return arrays[id(variable)] if j is None else arrays[id(variable)][j]
+
+    for name, module, j in lora_layers(model):
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(layer_slice(module.lora_a, j).T)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(layer_slice(module.lora_b, j).T)
         if module.lora_magnitude is not None:  # DoRA: one magnitude per output feature
-            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = np.asarray(module.lora_magnitude.get_value(),
-                                                                           np.float32)
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer_slice(module.lora_magnitude, j)
     return tensors
 
 
@@ -97,26 +101,31 @@ def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
     tensors = load_file(str(tensors_path))
     _check_fits(model, tensors, directory)
     wrapped = apply_lora(model, config, rngs=nnx.Rngs(0))
-    modules = lora_modules(model)
-    for name, module in modules.items():
-        prefix = f"{_PREFIX}{name}"
-        module.lora_a.set_value(jnp.asarray(tensors[f"{prefix}.lora_A.weight"].T))
-        module.lora_b.set_value(jnp.asarray(tensors[f"{prefix}.lora_B.weight"].T))
+    by_module: dict[int, tuple] = {}
+    for name, module, j in lora_layers(model):
+        by_module.setdefault(id(module), (module, []))[1].append((name, j))
+    for module, layers in by_module.values():
+        def gather(suffix, transpose, layers=layers):
+            arrays = [tensors[f"{_PREFIX}{name}.{suffix}"] for name, _ in layers]
+            arrays = [a.T for a in arrays] if transpose else arrays
+            return jnp.asarray(np.stack(arrays) if layers[0][1] is not None else arrays[0])
+        module.lora_a.set_value(gather("lora_A.weight", True))
+        module.lora_b.set_value(gather("lora_B.weight", True))
         if module.lora_magnitude is not None:
-            module.lora_magnitude.set_value(jnp.asarray(tensors[f"{prefix}.lora_magnitude_vector"]))
+            module.lora_magnitude.set_value(gather("lora_magnitude_vector", False))
     return config, wrapped
 
 
 def _check_fits(model, tensors: dict, directory) -> None:
     """Every adapter tensor names a linear module of this base, with the base's in/out sizes."""
-    linears = linear_modules(model)
+    modules, linears = per_layer_modules(model), linear_modules(model)
     problems = []
     for key, value in tensors.items():
         module, _, kind = key.removeprefix(_PREFIX).partition(".lora_")
-        if module not in linears:
+        if module not in modules:
             problems.append(f"{key}: the base has no linear module '{module}'")
             continue
-        base = linears[module]
+        base = linears[modules[module][0]]
         expected = {"A.weight": (None, base.in_features), "B.weight": (base.out_features, None),
                     "magnitude_vector": (base.out_features,)}.get(kind)
         if expected is None or len(expected) != value.ndim or any(

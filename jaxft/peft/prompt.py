@@ -28,7 +28,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxft.errors import AdapterError, ConfigError
-from jaxft.models.layers import make_attention_mask
+from jaxft.models.attention import visibility_mask
 from jaxft.peft.select import TrainableFilter
 
 INITS = ("random", "text")
@@ -50,8 +50,10 @@ class PromptEncoder(nnx.Module):
         """Prepend the virtual tokens to `x` `[B, T, D]`.
 
         Returns `x` `[B, n+T, D]`, positions `[B, n+T]` (virtual `0..n-1`, then the
-        given ones plus n) and `mask_for(window)`, the `[B, 1, n+T, n+T]` attention
-        mask for a layer with that sliding window (None for full attention).
+        given ones plus n), the attention mask `[B, n+T]` (None if none was given),
+        and for packed rows `mask_for(window)`, the `[B, 1, n+T, n+T]` attention mask
+        for a layer with that sliding window (None for full attention); None for
+        unpacked rows, whose virtual tokens causal order alone lets every token see.
         """
         b, n = x.shape[0], self.num_virtual_tokens
         prompts = jnp.broadcast_to(self.embeddings[...].astype(x.dtype), (b, n, x.shape[-1]))
@@ -60,15 +62,15 @@ class PromptEncoder(nnx.Module):
         positions = jnp.concatenate([virtual_positions, positions + n], axis=1)
         if attention_mask is not None:
             attention_mask = jnp.concatenate([jnp.ones((b, n), attention_mask.dtype), attention_mask], axis=1)
-        return x, positions, functools.partial(_mask, attention_mask, segment_ids, positions, n)
+        if segment_ids is None:  # PEFT's case: one sequence per row, windows counted in tokens as HF does
+            return x, positions, attention_mask, None
+        return x, positions, attention_mask, functools.partial(_packed_mask, attention_mask, segment_ids, positions, n)
 
 
-def _mask(attention_mask, segment_ids, positions, n, window):
-    """The attention mask over `n` virtual tokens followed by the real ones (arguments already extended)."""
+def _packed_mask(attention_mask, segment_ids, positions, n, window):
+    """The attention mask over `n` virtual tokens followed by packed segments (arguments already extended)."""
     b, s = positions.shape
-    if segment_ids is None:  # PEFT's case: one sequence per row, windows counted in tokens as HF does
-        return make_attention_mask(attention_mask, None, b, s, window)
-    mask = make_attention_mask(attention_mask, None, b, s, None)  # causal order and padding keys
+    mask = visibility_mask(b, s, s, kv_mask=attention_mask)  # causal order and padding keys
     # Virtual tokens get segment -1: a segment of their own that every query may also see.
     seg = jnp.concatenate([jnp.full((b, n), -1, segment_ids.dtype), segment_ids], axis=1)
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import ConfigError
+from jaxft.models import stack
 from jaxft.models.layers import Embed, Linear
 from jaxft.peft.select import get_module, path_str, set_module
 from jaxft.sharding import constrain
@@ -133,17 +134,18 @@ def dequantize_nf4_rows(packed: jax.Array, absmax: jax.Array, dtype=jnp.float32)
 
 @jax.jit
 def quantize_int8(w) -> tuple[jax.Array, jax.Array]:
-    """Symmetric per-output-channel int8: codes [in, out] in [-127, 127], scale = absmax / 127 per column."""
+    """Symmetric per-output-channel int8: codes [..., in, out] in [-127, 127], scale = absmax / 127 per column
+    [..., out] (leading axes: stacked layers, each quantised on its own)."""
     w = jnp.asarray(w).astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=0) / 127.0
+    scale = jnp.max(jnp.abs(w), axis=-2) / 127.0
     # A zero column keeps scale 0 (it dequantises to exact zeros); divide by 1 to avoid NaN codes.
-    codes = jnp.round(w / jnp.where(scale == 0, 1.0, scale)[None, :])
+    codes = jnp.round(w / jnp.where(scale == 0, 1.0, scale)[..., None, :])
     return jnp.clip(codes, -127, 127).astype(jnp.int8), scale
 
 
 def dequantize_int8(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
     """Invert `quantize_int8`: `codes * scale` per column in float32, cast to `dtype`."""
-    return (codes.astype(jnp.float32) * scale[None, :]).astype(dtype)
+    return (codes.astype(jnp.float32) * scale[..., None, :]).astype(dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +194,9 @@ class QuantizedLinear(nnx.Module):
 
     Same interface as `Linear` (`in_features`, `out_features`, `dtype`, `bias`,
     `__call__`), so LoRA wraps it unchanged. `codes` and `scales` are
-    `QuantizedWeight`s; the bias stays the `nnx.Param` it was.
+    `QuantizedWeight`s; the bias stays the `nnx.Param` it was. In stacked decoder
+    blocks (jaxft/models/stack.py) they have a leading layer axis, and each layer
+    is quantised on its own, exactly as it would be unstacked.
     """
 
     def __init__(self, codes: QuantizedWeight, scales: QuantizedWeight, *, kind: str, in_features: int,
@@ -214,31 +218,41 @@ class QuantizedLinear(nnx.Module):
         if kind not in KINDS:
             raise ConfigError(f"quantisation kind {kind!r} is not supported; use one of {list(KINDS)}.")
         kernel = linear.kernel.get_value()
-        axes = tuple(linear.kernel.get_metadata().get("logical_axes", (None, None)))
+        stacked = stack.stacked_like(linear.kernel)
+        axes = tuple(linear.kernel.get_metadata().get("logical_axes") or (None, None))[-2:]  # one layer's
         if kind == "nf4":
-            codes, scales, block_size = _nf4_storage(kernel, block_size, axes)
+            codes, scales, block_size = _nf4_storage(kernel, block_size, axes, stacked)
         else:
             q, scale = quantize_int8(kernel)
-            codes = QuantizedWeight(q, logical_axes=axes)
-            scales = QuantizedWeight(scale, logical_axes=(axes[1],))
+            codes = QuantizedWeight(q, **stack.with_layer_axis(axes, stacked))
+            scales = QuantizedWeight(scale, **stack.with_layer_axis((axes[1],), stacked))
             block_size = None
         return cls(codes, scales, kind=kind, in_features=linear.in_features, out_features=linear.out_features,
                    dtype=linear.dtype, bias=linear.bias, block_size=block_size, kernel_axes=axes)
 
     def dequantized_kernel(self, dtype=jnp.float32) -> jax.Array:
-        """The kernel `[in, out]` the codes stand for, in `dtype` (float32 by default; for merge and export)."""
-        return _dequantize_kernel(self.codes.get_value(), self.scales.get_value(), kind=self.kind,
-                                  shape=(self.in_features, self.out_features), dtype=dtype)
+        """The kernel `[..., in, out]` the codes stand for (leading axes: stacked layers), in `dtype` (float32
+        by default; for merge, export and DoRA's norms)."""
+        codes, scales = self.codes.get_value(), self.scales.get_value()
+        dequantize = functools.partial(_dequantize_kernel, kind=self.kind, shape=(self.in_features, self.out_features),
+                                       dtype=dtype)
+        for _ in range(codes.ndim - self._layer_ndim()):  # one layer at a time: flat NF4 pads each layer
+            dequantize = jax.vmap(dequantize)
+        return dequantize(codes, scales)
+
+    def _layer_ndim(self) -> int:
+        """The rank of one layer's codes: 1 for NF4 stored flat, 2 otherwise ([in, out] or [in, out / 2])."""
+        return 1 if self.kind == "nf4" and self.out_features % self.block_size else 2
 
     def to_linear(self, kernel=None) -> Linear:
         """A float `Linear` with this layer's bias and `kernel` (default: the dequantised one), for
         merged export: the merged weight W + s A B is no longer on the quantisation grid."""
         kernel = self.dequantized_kernel() if kernel is None else kernel
         linear = Linear(self.in_features, self.out_features, use_bias=self.bias is not None, dtype=self.dtype,
-                        param_dtype=kernel.dtype, rngs=nnx.Rngs(0))
-        linear.kernel.set_value(kernel)
+                        param_dtype=kernel.dtype, axes=self.kernel_axes, rngs=nnx.Rngs(0))
+        linear.kernel = nnx.Param(kernel, **stack.with_layer_axis(self.kernel_axes, stack.stacked_like(self.codes)))
         if self.bias is not None:
-            linear.bias.set_value(self.bias.get_value())
+            linear.bias = self.bias.replace(value=self.bias.get_value())  # a copy, stacked as it is
         return linear
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -259,16 +273,23 @@ def _dequantize_kernel(codes, scales, *, kind, shape, dtype):
     return dequantize_int8(codes, scales, dtype)
 
 
-def _nf4_storage(kernel, block_size, axes):
+def _nf4_storage(kernel, block_size, axes, stacked):
     """NF4 codes and absmax as QuantizedWeights, laid out `[in, out/2]` and `[in, out/block]` where blocks
     tile the rows (out % block_size == 0, the usual case), so both keep the kernel's logical axes and a
-    shard along either axis holds whole blocks; flat with no axis names otherwise."""
-    packed, absmax, (n_in, n_out) = quantize_nf4(kernel, block_size)
-    if n_out % block_size == 0:
-        return (QuantizedWeight(packed.reshape(n_in, n_out // 2), logical_axes=axes),
-                QuantizedWeight(absmax.reshape(n_in, n_out // block_size), logical_axes=axes), block_size)
-    return (QuantizedWeight(packed, logical_axes=(None,)),
-            QuantizedWeight(absmax, logical_axes=(None,)), block_size)
+    shard along either axis holds whole blocks; flat with no axis names otherwise. A stacked kernel
+    `[layers, in, out]` keeps its layer axis in front, each layer quantised (and padded) on its own."""
+    *lead, n_in, n_out = kernel.shape
+    if n_out % block_size == 0:  # blocks tile the rows: quantising the whole stack is quantising each layer
+        packed, absmax, _ = quantize_nf4(kernel, block_size)
+        return (QuantizedWeight(packed.reshape(*lead, n_in, n_out // 2), **stack.with_layer_axis(axes, stacked)),
+                QuantizedWeight(absmax.reshape(*lead, n_in, n_out // block_size),
+                                **stack.with_layer_axis(axes, stacked)), block_size)
+    quantize = lambda w: quantize_nf4(w, block_size)[:2]  # noqa: E731
+    for _ in lead:
+        quantize = jax.vmap(quantize)
+    packed, absmax = quantize(kernel)
+    return (QuantizedWeight(packed, **stack.with_layer_axis((None,), stacked)),
+            QuantizedWeight(absmax, **stack.with_layer_axis((None,), stacked)), block_size)
 
 
 class QuantizedEmbed(nnx.Module):
@@ -411,7 +432,7 @@ class QuantSpec:
 def quantize_model(model: nnx.Module, kind: str | QuantSpec, block_size: int = 64,
                    skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
     """Replace the layers `QuantSpec(kind, block_size, skip)` (or a given spec) names with quantised ones,
-    in place, also a `Linear` already wrapped as a LoRA `base_layer`; returns the replaced paths.
+    in place, also a `Linear` already wrapped as a LoRA `base_layer`; returns the replaced per-layer names.
 
     Layers already quantised are left as they are, so a model quantised while
     loading passes through unchanged.
@@ -423,7 +444,7 @@ def quantize_model(model: nnx.Module, kind: str | QuantSpec, block_size: int = 6
         replacement = spec.replacement(name, module)
         if replacement is not None:
             set_module(model, name, replacement)
-            replaced.append(name)
+            replaced.extend(stack.layer_names(name.split("."), replacement.codes))  # per layer of stacked blocks
     return replaced
 
 
@@ -444,13 +465,14 @@ def weight_bytes(model: nnx.Module) -> dict:
     layers = quantized_modules(model).values()
     quantized = sum(_nbytes(m.codes) + _nbytes(m.scales) for m in layers)
     bf16 = sum(2 * _weight_count(m) for m in layers)
-    return dict(layers=len(layers), quantized_bytes=quantized, bf16_bytes=bf16,
+    count = sum(math.prod(stack.stack_shape(m.codes)) for m in layers)  # a stacked module: one per layer
+    return dict(layers=count, quantized_bytes=quantized, bf16_bytes=bf16,
                 ratio=quantized / bf16 if bf16 else float("nan"))
 
 
 def _weight_count(layer) -> int:
     if isinstance(layer, QuantizedLinear):
-        return layer.in_features * layer.out_features
+        return layer.in_features * layer.out_features * math.prod(stack.stack_shape(layer.codes))
     return layer.num_embeddings * layer.features
 
 

@@ -5,6 +5,11 @@ every parameter must match one. It is the only source for what is
 differentiated, what the optimizer holds state for, what a checkpoint saves and
 what export writes. Only `nnx.Param` variables can be trainable; RNG state and
 other variables never are.
+
+Rules match per-layer names ('model.layers.3.mlp.up_proj.kernel'), also for the
+decoder blocks' stacked parameters (jaxft/models/stack.py), which hold every layer
+of a group in one array: a group must be uniform (all its layers trainable or all
+frozen), which `uniform_groups` arranges by splitting groups where a rule changes.
 """
 
 import dataclasses
@@ -14,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import ConfigError
+from jaxft.models import stack
 
 
 def path_str(path) -> str:
@@ -66,8 +72,16 @@ class TrainableFilter:
         return self.rules[self.rule_for(name)][1]
 
     def __call__(self, path, variable) -> bool:
-        """The NNX filter: True for parameters that train."""
-        return isinstance(variable, nnx.Param) and self.is_trainable(path_str(path))
+        """The NNX filter: True for parameters that train (a stacked one: all its layers, or none of them)."""
+        if not isinstance(variable, nnx.Param):
+            return False
+        names = stack.layer_names(path, variable)
+        verdicts = {self.is_trainable(n) for n in names}
+        if len(verdicts) > 1:
+            raise ConfigError(f"The trainable patterns train some layers of the stacked parameter "
+                              f"{path_str(path)} and freeze others ({names[0]} ... {names[-1]}); split its group "
+                              f"first (jaxft.peft.select.uniform_groups).")
+        return verdicts.pop()
 
 
 def split_model(model: nnx.Module, trainable: TrainableFilter):
@@ -75,13 +89,33 @@ def split_model(model: nnx.Module, trainable: TrainableFilter):
     return nnx.split(model, trainable, ...)
 
 
+def uniform_groups(model: nnx.Module, trainable: TrainableFilter, start_step=None) -> bool:
+    """Split the model's stacked decoder blocks wherever a layer's parameters train differently from its
+    neighbour's (or, with gradual unfreezing, start training at another step): afterwards the filter (and
+    `start_step(name)`) give one answer per stacked parameter. True if a group was split."""
+    per_layer: dict[int, list] = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        ids = stack.layer_ids(variable)
+        if ids is None:
+            continue
+        for i, name in zip(ids, stack.layer_names(path, variable)):
+            rest = name.split(".", 3)[-1]  # the name within the layer: the same in every layer
+            per_layer.setdefault(i, []).append((rest, trainable.is_trainable(name),
+                                                start_step(name) if start_step else 0))
+    return stack.regroup_model(model, lambda i: tuple(sorted(per_layer.get(i, []))))
+
+
 def parameter_table(model: nnx.Module, trainable: TrainableFilter) -> list[dict]:
-    """One row per rule: pattern, whether it trains, tensors and parameters it matched."""
+    """One row per rule: pattern, whether it trains, tensors and parameters it matched (per layer, also in
+    stacked decoder blocks)."""
     rows = [dict(pattern=p, trainable=t, tensors=0, params=0) for p, t in trainable.rules]
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        row = rows[trainable.rule_for(path_str(path))]
-        row["tensors"] += 1
-        row["params"] += int(np.prod(variable.get_value().shape))
+        names = stack.layer_names(path, variable)
+        size = int(np.prod(variable.get_value().shape)) // len(names)
+        for name in names:
+            row = rows[trainable.rule_for(name)]
+            row["tensors"] += 1
+            row["params"] += size
     return rows
 
 
