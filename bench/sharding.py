@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from shapes import add_model_args  # bench/shapes.py: python puts bench/ on the path
+from shapes import add_model_args, fake_cpu_devices  # bench/shapes.py: python puts bench/ on the path
 
 
 def parse_args(argv=None):
@@ -79,11 +79,7 @@ def measure(a, method: str, mesh_sizes: tuple[int, int, int]) -> dict:
 
 def main(argv=None):
     a = parse_args(argv)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={a.devices}")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-    assert jax.device_count() == a.devices, "run in a fresh process: JAX started with another device count"
+    fake_cpu_devices(a.devices)
     meshes = {"replicated": (a.devices, 1, 1), "fsdp": (1, a.devices, 1)}
     for method in ("full", "lora"):
         records = {name: measure(a, method, sizes) for name, sizes in meshes.items()}

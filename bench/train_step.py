@@ -3,6 +3,8 @@
     python bench/train_step.py                 # the issue's shapes (about 5 minutes on 2 CPU cores)
     python bench/train_step.py --rounds 2 --layers 2 --vocab 8000   # a quicker look
     python bench/train_step.py --peer-malloc jaxft  # the peer with jaxft's allocator settings too
+    python bench/train_step.py --preset smollm2-135m  # a real model's shape (SmolLM2-135M), batch 8 x 128, rank 8
+    python bench/train_step.py --jaxft-only --layer-loop scan  # jaxft alone: a quick A/B of its options
 
 Both sides: a Llama-shaped model with random weights (float32), LoRA rank 16 on
 every linear layer but the head, AdamW, next-token loss over all tokens of a
@@ -34,6 +36,10 @@ from jaxft.host import tune_malloc
 
 REPLY = "@@peer "  # marks the worker's protocol lines on its stdout
 
+# SmolLM2-135M(-Instruct)'s shape: a real model's proportions (many thin layers, tied 49k vocabulary).
+PRESETS = {"smollm2-135m": dict(hidden=576, layers=30, heads=9, kv_heads=3, ffn=1536, vocab=49152,
+                                tie_embeddings=True, batch=8, seq=128, rank=8)}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -47,16 +53,30 @@ def parse_args(argv=None):
     p.add_argument("--pause", type=float, default=2.0, help="seconds of idle before each block")
     p.add_argument("--peer-malloc", choices=("default", "jaxft"), default="default",
                    help="the peer process's allocator: glibc's defaults, or jaxft's settings")
+    p.add_argument("--layer-loop", choices=("auto", "scan", "unroll"), default="auto",
+                   help="model.layer_loop (auto: what jaxft.train picks on this backend)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="model.loss_chunk (positions per head+loss chunk)")
+    p.add_argument("--jaxft-only", action="store_true", help="time jaxft alone (no peer): a quick A/B of options")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
+    p.add_argument("--tie-embeddings", action="store_true", help="the head is the embedding matrix")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named shape; explicit options still override it")
     p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.preset:
+        explicit = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in argv or ()}
+        for key, value in PRESETS[a.preset].items():
+            if key not in explicit:
+                setattr(a, key, value)
+    a.kv_heads = a.kv_heads or a.heads
+    return a
 
 
 def hf_config(a):
     import transformers
     return transformers.LlamaConfig(
         vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=a.seq,
-        tie_word_embeddings=False)
+        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=a.seq,
+        tie_word_embeddings=a.tie_embeddings)
 
 
 def time_block(step, steps, pause):
@@ -74,21 +94,24 @@ def bench_jaxft(a, ids):
     import optax
     from flax import nnx
 
-    from jaxft.models import get_family
+    from jaxft.models import get_family, stack
     from jaxft.peft.lora import LoRAConfig, apply_lora, trainable_filter
     from jaxft.peft.select import split_model
-    from jaxft.trainer import train_step
+    from jaxft.trainer import layer_loop, train_step
 
     family = get_family("llama")
-    model = family.model_cls(family.config_cls.from_hf(hf_config(a).to_dict()), rngs=nnx.Rngs(0))
+    config = family.config_cls.from_hf(hf_config(a).to_dict(), layer_loop=layer_loop(a.layer_loop))
+    model = family.model_cls(config, rngs=nnx.Rngs(0))
     apply_lora(model, LoRAConfig(rank=a.rank, alpha=2 * a.rank), rngs=nnx.Rngs(1))
+    stack.layout_for_loop(model)  # as jaxft.train lays the blocks out
     graphdef, params, frozen = split_model(model, trainable_filter())
     tx = optax.adamw(1e-4)
     state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params), "nonfinite_step": jnp.int32(-1)}
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones(ids.shape, jnp.int32),
                  "loss_mask": jnp.ones(ids.shape, jnp.int32)}
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lambda s: 1e-4,
-                                        accum_steps=1, dropout_key=jax.random.key(0)), donate_argnums=0)
+                                        accum_steps=1, dropout_key=jax.random.key(0), loss_chunk=a.loss_chunk),
+                     donate_argnums=0)
     holder = {"state": state}
 
     def step():
@@ -165,11 +188,30 @@ def random_ids(a):
     return np.random.default_rng(0).integers(0, a.vocab, size=(a.batch, a.seq), dtype=np.int32)
 
 
+def shape(a) -> dict:
+    return {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "tie_embeddings",
+                                       "batch", "seq", "rank")}
+
+
+def time_jaxft_alone(a):
+    """jaxft's median seconds per step over the rounds, no peer (compare jaxft's own options)."""
+    jax_step, jax_version = bench_jaxft(a, random_ids(a))
+    for _ in range(a.warmup):
+        jax_step()
+    jax_s = [time_block(jax_step, a.steps, a.pause) for _ in range(a.rounds)]
+    median = statistics.median(jax_s)
+    print(json.dumps({"bench": "lora_train_step_jaxft", "shape": shape(a), "layer_loop": a.layer_loop,
+                      "loss_chunk": a.loss_chunk, "jaxft_tokens_per_sec": round(a.batch * a.seq / median, 1),
+                      "jaxft_s_per_step": [round(x, 3) for x in jax_s], "jax": jax_version}))
+
+
 def main(argv):
     a = parse_args(argv)
     if a.peer_worker:
         return peer_worker(a)
     tune_malloc()  # before any JAX thread exists, as python -m jaxft.train does
+    if a.jaxft_only:
+        return time_jaxft_alone(a)
     peer = Peer(argv)
     jax_step, jax_version = bench_jaxft(a, random_ids(a))
     for _ in range(a.warmup):
@@ -183,7 +225,7 @@ def main(argv):
     tokens = a.batch * a.seq
     print(json.dumps({
         "bench": "lora_train_step",
-        "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "ffn", "vocab", "batch", "seq", "rank")},
+        "shape": shape(a), "layer_loop": a.layer_loop, "loss_chunk": a.loss_chunk,
         "steps_per_block": a.steps, "rounds": a.rounds, "peer_malloc": a.peer_malloc,
         "jaxft_tokens_per_sec": round(tokens / jax_med, 1),
         "peft_tokens_per_sec": round(tokens / torch_med, 1),

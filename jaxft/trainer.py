@@ -186,6 +186,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                                param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat,
                                layer_loop=layer_loop(config.model.layer_loop), attention=config.model.attention)
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
+    stack.layout_for_loop(model)
     log.info("Trainable parameters (%s):\n%s", method.name,
              format_parameter_table(parameter_table(model, method.trainable)))
     flop_count = flops_lib.train_flops_per_token(model, method.trainable, seq_len)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import peft, sharding, trainer
+from jaxft.models import stack
 from jaxft.models.hf import load_pretrained
 from jaxft.optim import build_optimizer
 from jaxft.peft.select import split_model
@@ -41,10 +42,11 @@ def init_state(config, loaded_layout=None):
     """The run's state and frozen weights laid out on its mesh, as `trainer.run` builds them; the
     layout the weights had straight from the file goes into `loaded_layout`."""
     mesh = sharding.make_mesh(config.mesh)
-    model = load_pretrained(config.model.path, mesh=mesh)
+    model = load_pretrained(config.model.path, mesh=mesh, layer_loop=trainer.layer_loop(config.model.layer_loop))
     if loaded_layout is not None:
         loaded_layout.update(layout(nnx.state(model)))
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed))
+    stack.layout_for_loop(model)
     _, params, frozen = split_model(model, method.trainable)
     tx = build_optimizer(config.optim, config.train.steps)
     state, frozen, _, _ = trainer.init_state(params, frozen, tx, mesh)
@@ -70,7 +72,7 @@ def main(out_dir: str, cases_json: str) -> None:
     for case in cases:
         if case["method"] != first["method"]:
             continue
-        like, _ = init_state(case_config({**case, "method": first["method"]}))
+        like, _ = init_state(case_config({**case, "method": first["method"], "layer_loop": first["layer_loop"]}))
         restored, _ = source.restore(step, like, ckpt_lib.fingerprint(like["params"]))
         values = {k: np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored["params"])[0]
                   for k in [jax.tree_util.keystr(k, simple=True, separator=".")]}
