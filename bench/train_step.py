@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--layer-loop", choices=("auto", "scan", "unroll"), default="auto",
                    help="model.layer_loop (auto: what jaxft.train picks on this backend)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="model.loss_chunk (positions per head+loss chunk)")
+    p.add_argument("--attention", default="auto", help="model.attention (auto on CPU: chunked)")
     p.add_argument("--jaxft-only", action="store_true", help="time jaxft alone (no peer): a quick A/B of options")
+    p.add_argument("--peer-only", action="store_true", help="time the peer alone, in this process (no jaxft)")
     p.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
     p.add_argument("--tie-embeddings", action="store_true", help="the head is the embedding matrix")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named shape; explicit options still override it")
@@ -100,7 +102,8 @@ def bench_jaxft(a, ids):
     from jaxft.trainer import layer_loop, train_step
 
     family = get_family("llama")
-    config = family.config_cls.from_hf(hf_config(a).to_dict(), layer_loop=layer_loop(a.layer_loop))
+    config = family.config_cls.from_hf(hf_config(a).to_dict(), layer_loop=layer_loop(a.layer_loop),
+                                       attention=a.attention)
     model = family.model_cls(config, rngs=nnx.Rngs(0))
     apply_lora(model, LoRAConfig(rank=a.rank, alpha=2 * a.rank), rngs=nnx.Rngs(1))
     stack.layout_for_loop(model)  # as jaxft.train lays the blocks out
@@ -201,14 +204,32 @@ def time_jaxft_alone(a):
     jax_s = [time_block(jax_step, a.steps, a.pause) for _ in range(a.rounds)]
     median = statistics.median(jax_s)
     print(json.dumps({"bench": "lora_train_step_jaxft", "shape": shape(a), "layer_loop": a.layer_loop,
-                      "loss_chunk": a.loss_chunk, "jaxft_tokens_per_sec": round(a.batch * a.seq / median, 1),
+                      "loss_chunk": a.loss_chunk, "attention": a.attention,
+                      "jaxft_tokens_per_sec": round(a.batch * a.seq / median, 1),
                       "jaxft_s_per_step": [round(x, 3) for x in jax_s], "jax": jax_version}))
+
+
+def time_peer_alone(a):
+    """The peer's median seconds per step over the rounds, alone in this process (glibc's allocator defaults
+    unless --peer-malloc jaxft): with --jaxft-only in another run, each side with the machine to itself."""
+    if a.peer_malloc == "jaxft":
+        tune_malloc()
+    step, torch_version, threads = bench_peft(a, random_ids(a))
+    for _ in range(a.warmup):
+        step()
+    peer_s = [time_block(step, a.steps, a.pause) for _ in range(a.rounds)]
+    print(json.dumps({"bench": "lora_train_step_peer", "shape": shape(a), "peer_malloc": a.peer_malloc,
+                      "peft_tokens_per_sec": round(a.batch * a.seq / statistics.median(peer_s), 1),
+                      "peft_s_per_step": [round(x, 3) for x in peer_s], "torch": torch_version,
+                      "torch_threads": threads}))
 
 
 def main(argv):
     a = parse_args(argv)
     if a.peer_worker:
         return peer_worker(a)
+    if a.peer_only:
+        return time_peer_alone(a)
     tune_malloc()  # before any JAX thread exists, as python -m jaxft.train does
     if a.jaxft_only:
         return time_jaxft_alone(a)

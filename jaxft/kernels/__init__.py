@@ -1,1 +1,2 @@
-"""Pallas kernels, each with an XLA reference beside it and a custom VJP (DESIGN.md, Kernels)."""
+"""Pallas kernels, each with an XLA reference beside it, a custom VJP and a dispatch
+(`kernel="auto"|"pallas"|"xla"`)."""

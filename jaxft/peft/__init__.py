@@ -1,5 +1,5 @@
 """Fine-tuning methods. Each turns a loaded model into one ready to train and
-names what trains through a single `TrainableFilter` (DESIGN.md)."""
+names what trains through a single `TrainableFilter` (select.py)."""
 
 import dataclasses
 import functools

@@ -1,4 +1,4 @@
-"""The one trainable filter (DESIGN.md).
+"""The one trainable filter.
 
 A list of `(regex, trainable)` rules over parameter paths, first match wins, and
 every parameter must match one. It is the only source for what is
