@@ -223,7 +223,7 @@ class QuantizedLinear(nnx.Module):
         if kind == "nf4":
             codes, scales, block_size = _nf4_storage(kernel, block_size, axes, stacked)
         else:
-            q, scale = quantize_int8(kernel)
+            q, scale = _per_layer(quantize_int8, kernel)
             codes = QuantizedWeight(q, **stack.with_layer_axis(axes, stacked))
             scales = QuantizedWeight(scale, **stack.with_layer_axis((axes[1],), stacked))
             block_size = None
@@ -273,21 +273,28 @@ def _dequantize_kernel(codes, scales, *, kind, shape, dtype):
     return dequantize_int8(codes, scales, dtype)
 
 
+def _per_layer(quantize, kernel):
+    """`quantize(w)` for a kernel `[in, out]`, or for each layer of a stacked `[..., in, out]` in turn under
+    one `lax.map`: quantising the whole stack at once would hold float temporaries (padded, normalised,
+    code indices) the size of every layer's kernel together, which is the load peak QLoRA exists to avoid."""
+    *lead, n_in, n_out = kernel.shape
+    if not lead:
+        return quantize(kernel)
+    out = jax.jit(lambda k: jax.lax.map(quantize, k))(kernel.reshape(-1, n_in, n_out))
+    return jax.tree.map(lambda o: o.reshape(*lead, *o.shape[1:]), out)
+
+
 def _nf4_storage(kernel, block_size, axes, stacked):
     """NF4 codes and absmax as QuantizedWeights, laid out `[in, out/2]` and `[in, out/block]` where blocks
     tile the rows (out % block_size == 0, the usual case), so both keep the kernel's logical axes and a
     shard along either axis holds whole blocks; flat with no axis names otherwise. A stacked kernel
     `[layers, in, out]` keeps its layer axis in front, each layer quantised (and padded) on its own."""
     *lead, n_in, n_out = kernel.shape
-    if n_out % block_size == 0:  # blocks tile the rows: quantising the whole stack is quantising each layer
-        packed, absmax, _ = quantize_nf4(kernel, block_size)
+    packed, absmax = _per_layer(lambda w: quantize_nf4(w, block_size)[:2], kernel)
+    if n_out % block_size == 0:  # blocks tile the rows
         return (QuantizedWeight(packed.reshape(*lead, n_in, n_out // 2), **stack.with_layer_axis(axes, stacked)),
                 QuantizedWeight(absmax.reshape(*lead, n_in, n_out // block_size),
                                 **stack.with_layer_axis(axes, stacked)), block_size)
-    quantize = lambda w: quantize_nf4(w, block_size)[:2]  # noqa: E731
-    for _ in lead:
-        quantize = jax.vmap(quantize)
-    packed, absmax = quantize(kernel)
     return (QuantizedWeight(packed, **stack.with_layer_axis((None,), stacked)),
             QuantizedWeight(absmax, **stack.with_layer_axis((None,), stacked)), block_size)
 
