@@ -47,7 +47,7 @@ PRESETS = {
     "llama3-70b-lora-64": dict(shape="llama3-70b", method="lora", devices=64, mesh="1,64,1", batch=64, seq=4096,
                                remat="full"),
     "llama3.2-1b-lora-1gpu": dict(shape="llama3.2-1b", method="lora", devices=1, mesh="1,1,1", batch=8, seq=2048,
-                                  remat="none"),
+                                  remat="full"),
 }
 
 
