@@ -33,8 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
             path=config_dict.placeholder(str),  # local HF directory or hub id
             dtype="float32",  # compute dtype
             param_dtype="float32",  # storage dtype of the frozen pretrained weights
-            # What each decoder block's backward pass recomputes instead of keeping (README "Scale up"):
-            # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload" (host memory).
+            # What each decoder block's backward pass recomputes instead of keeping: "none", "full",
+            # "dots_saveable", "dots_with_no_batch_dims_saveable", "offload" (host memory). README,
+            # "Memory and speed on accelerators", says what each trades.
             remat="none",
             # "scan": the decoder blocks under one lax.scan (compile time independent of depth);
             # "unroll": a Python loop over them; "auto": unroll on CPU (measured faster), scan elsewhere.

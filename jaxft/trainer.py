@@ -36,7 +36,7 @@ from jaxft.errors import DataError, TrainingDivergedError
 from jaxft.host import tune_malloc
 from jaxft.losses import chunked_cross_entropy_sum
 from jaxft.metrics import MetricWriter, Progress, Throughput
-from jaxft.models import hf, stack
+from jaxft.models import attention, hf, stack
 from jaxft.optim import build_optimizer, learning_rate_schedule
 from jaxft.peft import quant
 from jaxft.peft.lora import with_dropout_keys
@@ -187,6 +187,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                                layer_loop=layer_loop(config.model.layer_loop), attention=config.model.attention)
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
     stack.layout_for_loop(model)
+    _log_step_choices(model.config, config)
     log.info("Trainable parameters (%s):\n%s", method.name,
              format_parameter_table(parameter_table(model, method.trainable)))
     flop_count = flops_lib.train_flops_per_token(model, method.trainable, seq_len)
@@ -331,6 +332,23 @@ def _best_params(workdir, params, fingerprint):
     log.info("Exporting the parameters of the best evaluation (eval.keep_best): step %d, eval loss %.4f",
              step, meta["eval_loss"])
     return restored["params"]
+
+
+def _log_step_choices(model_config, config) -> None:
+    """Say what runs each step: the layer loop, the remat policy, and the attention backend `auto` resolved
+    to on this platform, with why (README, "Memory and speed on accelerators")."""
+    windows = {model_config.layer_window(i) for i in range(model_config.num_layers)}
+    # Training rows are right-padded (causal order hides the padding); prompt tuning's virtual tokens
+    # need a padding mask, and over packed rows a dense one (models/llama.py, hidden_states).
+    prompts = config.peft.method == "prompt_tuning"
+    backend, why = attention.explain_backend(
+        config.model.attention, dtype=DTYPES[config.model.dtype], head_dim=model_config.head_dim,
+        window=max((w for w in windows if w is not None), default=None),
+        has_segment_ids=config.data.packing and not prompts, has_kv_mask=prompts,
+        has_dense_mask=prompts and config.data.packing)
+    log.info("Decoder blocks: %d, layer loop %s, remat %s; attention %s (%s); head + loss in chunks of %s positions",
+             model_config.num_layers, model_config.layer_loop, config.model.remat, backend, why,
+             config.model.loss_chunk or "whole-row")
 
 
 def layer_loop(name: str, platform: str | None = None) -> str:

@@ -312,6 +312,29 @@ def test_impossible_requests_are_config_errors(backend, platform, case, message)
     assert set(BACKENDS) == {"auto", "xla", "chunked", "splash", "cudnn"}
 
 
+@pytest.mark.parametrize("method,packing,expected", [
+    ("lora", False, "attention chunked (auto on CPU)"),
+    ("lora", True, "attention chunked (auto on CPU)"),
+    ("prompt_tuning", True, "attention chunked (auto on CPU)"),
+])
+def test_run_log_names_the_step_choices(caplog, method, packing, expected):
+    from jaxft import trainer
+    from jaxft.config import base_config
+    from jaxft.models.llama import LlamaConfig
+    caplog.set_level("INFO", logger="jaxft")
+    config = base_config()
+    config.peft.method, config.data.packing, config.model.remat = method, packing, "full"
+    model_config = LlamaConfig.from_hf(dict(model_type="mistral", vocab_size=64, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                            sliding_window=8), layer_loop="scan")
+    trainer._log_step_choices(model_config, config)
+    assert f"Decoder blocks: 3, layer loop scan, remat full; {expected}; head + loss in chunks of 1024" in caplog.text
+    config.model.attention = "splash"  # an explicit kernel that cannot take the case stops the run
+    if method == "prompt_tuning":
+        with pytest.raises(ConfigError, match="cannot take a dense mask"):
+            trainer._log_step_choices(model_config, config)
+
+
 def test_attention_refuses_what_no_backend_means():
     q, kv = jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 6, 2, 4))
     with pytest.raises(ValueError, match="self-attention"):
