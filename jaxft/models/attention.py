@@ -125,12 +125,14 @@ class Visibility:
     kv_mask: jax.Array | None = None
     kv_lengths: jax.Array | None = None
     dense_masks: tuple | None = None  # one [B, 1, T, S] mask per window: patterns no argument above expresses
+    causal: bool = True  # False where dense_masks carry the order (queries against a KV cache: T != S)
 
     def attend(self, q, k, v, *, scale: float, window_index=None) -> jax.Array:
-        """Causal self-attention of q `[B, T, H, D]` over k, v `[B, T, K, D]` with this batch's visibility and
-        the window `windows[window_index]` (the only one when there is one)."""
+        """Attention of q `[B, T, H, D]` over k, v `[B, S, K, D]` (causal self-attention: S == T) with this
+        batch's visibility and the window `windows[window_index]` (the only one when there is one)."""
         def with_window(i):
-            return functools.partial(attention, scale=scale, backend=self.backend, window=self.windows[i],
+            return functools.partial(attention, scale=scale, backend=self.backend, causal=self.causal,
+                                     window=self.windows[i] if self.causal else None,
                                      segment_ids=self.segment_ids, kv_mask=self.kv_mask, kv_lengths=self.kv_lengths,
                                      dense_mask=None if self.dense_masks is None else self.dense_masks[i])
         if len(self.windows) == 1:

@@ -26,7 +26,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from jaxft.errors import ConfigError, ModelLoadError
-from jaxft.models import stack
+from jaxft.models import kv_cache, stack
 from jaxft.models.attention import ATTENTION_BACKENDS, Visibility
 from jaxft.models.layers import (
     ROPE_TYPES,
@@ -251,7 +251,10 @@ class LlamaAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, visibility: Visibility, window_index=None):
+    def __call__(self, x, cos, sin, visibility: Visibility, window_index=None, cache=None, cache_index=None):
+        """The attention output for `x` `[B, T, hidden]`. With `cache` (this layer's keys and values
+        `[B, slots, K, D]`, jaxft/models/kv_cache.py) the new keys and values are written at slots
+        `[cache_index, cache_index + T)` and the queries attend over the cache: returns `(out, cache)`."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -259,8 +262,12 @@ class LlamaAttention(nnx.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache = kv_cache.write(*cache, k, v, cache_index)
+            k, v = cache
         out = visibility.attend(q, k, v, scale=self.head_dim**-0.5, window_index=window_index)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return out if cache is None else (out, cache)
 
 
 class LlamaMLP(nnx.Module):
@@ -281,9 +288,14 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = _norm(cfg, cfg.hidden_size, rngs)
         self.post_attention_layernorm = _norm(cfg, cfg.hidden_size, rngs)
 
-    def __call__(self, x, cos, sin, visibility: Visibility, window_index=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, visibility, window_index)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, visibility: Visibility, window_index=None, cache=None, cache_index=None):
+        """The block's output; with a `cache`, `(output, cache)` (see `LlamaAttention`)."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, visibility, window_index, cache, cache_index)
+        if cache is not None:
+            attended, cache = attended
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if cache is None else (x, cache)
 
 
 class LlamaModel(nnx.Module):
@@ -338,7 +350,7 @@ class LlamaForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = constrain(self.model.embed_tokens(input_ids), _ACTIVATION_AXES)
-        windows = tuple(sorted({cfg.layer_window(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0))
+        windows = self._windows()
         kv_mask, dense_masks = (None if right_padded else attention_mask), None
         if self.prompt_encoder is not None:
             # Prompt tuning puts virtual tokens in front: a longer x, shifted positions, padding that
@@ -350,19 +362,62 @@ class LlamaForCausalLM(nnx.Module):
         visibility = Visibility(windows, cfg.attention, segment_ids=segment_ids, kv_mask=kv_mask,
                                 dense_masks=dense_masks)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        # Where layers differ in their window (Qwen2/3 layer_types), each layer's index into `windows` is
-        # scanned data.
-        per_layer = {}
-        if len(windows) > 1:
-            per_layer["window"] = np.array([windows.index(cfg.layer_window(i)) for i in range(cfg.num_layers)])
 
         def block(layer, x, inputs):
             # Between blocks activations are split over the batch only: each block's weights are
             # gathered (FSDP) or its partial sums reduced (tensor parallelism) inside it.
             return constrain(layer(x, cos, sin, visibility, inputs.get("window")), _ACTIVATION_AXES)
 
-        x = stack.run(self.model.layers, x, block, per_layer, loop=cfg.layer_loop, remat=cfg.remat)
+        x = stack.run(self.model.layers, x, block, self._window_per_layer(windows), loop=cfg.layer_loop,
+                      remat=cfg.remat)
         return self.model.norm(x[:, -t:])  # the T input positions only
+
+    def cached_hidden_states(self, input_ids, cache: kv_cache.KVCache, *, attention_mask, positions,
+                             prompt: bool = False):
+        """A pass of generation (jaxft/generate.py): `input_ids` `[B, T]` run at the cache's next T slots,
+        attending to every earlier slot that holds a token. Returns the final normed hidden states
+        `[B, T, hidden]` and the cache with the T tokens' keys and values written.
+
+        attention_mask: `[B, T]`, 1 = real token, 0 = a left-padded prompt's padding (never attended to).
+        positions: `[B, T]` RoPE positions: the number of real tokens before each one.
+        prompt: this pass is the prompt's: with prompt tuning its virtual tokens go first (taking the
+            cache's first slots), and every position, now and later, moves up by their number, as in training.
+        """
+        cfg = self.config
+        x = constrain(self.model.embed_tokens(input_ids), _ACTIVATION_AXES)
+        if self.prompt_encoder is not None:
+            if prompt:
+                x, positions, attention_mask, _ = self.prompt_encoder(x, attention_mask, positions, None)
+            else:
+                positions = positions + self.prompt_encoder.num_virtual_tokens
+        t = x.shape[1]
+        windows = self._windows()
+        cache = cache.admit(attention_mask)
+        # Queries and keys differ in length, so order is in the masks; XLA's attention takes any mask.
+        visibility = Visibility(windows, "xla", dense_masks=cache.visibility_masks(t, windows), causal=False)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+        def block(layer, x, inputs, layer_cache):
+            x, layer_cache = layer(x, cos, sin, visibility, inputs.get("window"), layer_cache, cache.index)
+            return constrain(x, _ACTIVATION_AXES), layer_cache
+
+        x, caches = stack.run(self.model.layers, x, block, self._window_per_layer(windows), loop=cfg.layer_loop,
+                              caches=list(zip(cache.keys, cache.values)))
+        cache = cache.advanced(t, [k for k, _ in caches], [v for _, v in caches])
+        return self.model.norm(x[:, t - input_ids.shape[1]:]), cache
+
+    def _windows(self) -> tuple:
+        """The distinct sliding windows of the layers (None: full attention), in a fixed order."""
+        cfg = self.config
+        return tuple(sorted({cfg.layer_window(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0))
+
+    def _window_per_layer(self, windows: tuple) -> dict:
+        """Where layers differ in their window (Qwen2/3 layer_types), each layer's index into `windows`, as
+        data the layer loop hands each layer."""
+        cfg = self.config
+        if len(windows) == 1:
+            return {}
+        return {"window": np.array([windows.index(cfg.layer_window(i)) for i in range(cfg.num_layers)])}
 
     def output_head(self):
         """`(apply, params)`: the language-model head as a pure function of its parameters, `apply(params,

@@ -216,33 +216,45 @@ def remat_policy(name: str):
 
 
 def run(groups, x, block: Callable, per_layer: dict[str, np.ndarray] | None = None, *, loop: str = "scan",
-        remat: str = "none"):
+        remat: str = "none", caches: list | None = None):
     """Thread `x` through every layer of every group: `x = block(layer, x, inputs)`, where `layer` is one
     layer's module (its slice of the group) and `inputs` its row of `per_layer` (arrays indexed by layer).
 
     `loop="scan"`: each group under one `jax.lax.scan` (one layer compiled, whatever the depth);
     `"unroll"`: a Python loop over the layers (a longer program XLA may schedule better on CPU).
     `remat`: a `model.remat` policy name applied to each layer (`REMAT_NAMES`).
+    `caches`: state each layer reads and rewrites (a KV cache), one pytree per group with the group's layer
+    axis in front; then `block(layer, x, inputs, cache) -> (x, cache)` gets its layer's slice, and `run`
+    returns `(x, caches)` with the rewritten ones.
     """
     per_layer = per_layer or {}
     wrap, policy = remat_policy(remat)
-    for group in groups:
+    new_caches = []
+    for g, group in enumerate(groups):
         graphdef, state = nnx.split(group)
         ids = np.asarray(group_ids(group))
         rows = {k: jnp.asarray(np.asarray(v)[ids]) for k, v in per_layer.items()}
+        cache = None if caches is None else caches[g]
 
         def step(x, xs, graphdef=graphdef):
-            layer_state, inputs = xs
-            return block(nnx.merge(graphdef, layer_state), x, inputs), None
+            layer_state, inputs, layer_cache = xs
+            layer = nnx.merge(graphdef, layer_state)
+            if layer_cache is None:
+                return block(layer, x, inputs), None
+            return block(layer, x, inputs, layer_cache)
 
         if wrap:
             step = jax.checkpoint(step, policy=policy, prevent_cse=loop != "scan")
         if loop == "scan" and len(ids) > 1:
-            x, _ = jax.lax.scan(step, x, (state, rows))
+            x, cache = jax.lax.scan(step, x, (state, rows, cache))
         else:
+            written = []
             for j in range(len(ids)):
-                x, _ = step(x, jax.tree.map(functools.partial(_take, j=j), (state, rows)))
-    return x
+                x, layer_cache = step(x, jax.tree.map(functools.partial(_take, j=j), (state, rows, cache)))
+                written.append(layer_cache)
+            cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *written)
+        new_caches.append(cache)
+    return x if caches is None else (x, new_caches)
 
 
 def _take(a, j):
