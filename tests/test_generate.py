@@ -13,7 +13,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxft.errors import ConfigError
-from jaxft.generate import Generation, GenerationConfig, _nucleus, _pick, generate, left_pad
+from jaxft.generate import Generation, GenerationConfig, generate, left_pad
+from jaxft.generate.decode import _nucleus, _pick
 from jaxft.models import hf, stack
 from jaxft.models.hf import load_pretrained
 from jaxft.peft.lora import lora_modules, merge
@@ -233,7 +234,7 @@ def test_streaming_sees_every_chunk(tiny):
 
 
 def test_nothing_recompiles_for_another_seed_or_prompt_of_similar_length(tiny):
-    from jaxft import generate as generate_module
+    from jaxft.generate import decode as generate_module
     model = load_pretrained(tiny["qwen3"])
     generate(model, PROMPTS, GenerationConfig(max_new_tokens=6, temperature=1.0, seed=1))
     compiled = generate_module._prefill._cache_size(), generate_module._decode._cache_size()

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from jaxft.errors import AdapterError, ConfigError
 from jaxft.models import stack
@@ -181,3 +181,35 @@ def save_adapters(model: nnx.Module, directory, *, kind: str, bottleneck: int, a
                   activation=activation, base_model_name_or_path=base_model, modules=sorted(modules))
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def load_adapters(model: nnx.Module, directory) -> list[str]:
+    """Give `model` the bottleneck adapters `save_adapters` wrote to `directory`, in place; returns the wrapped
+    per-layer module names. AdapterError names what does not fit (another base, another kind, missing tensors)."""
+    directory = pathlib.Path(directory)
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{directory} holds no readable jaxft adapter (adapter_config.json + "
+                           f"adapter_model.safetensors): {e}") from None
+    if config.get("adapter_type") != "BOTTLENECK":
+        raise AdapterError(f"{directory} holds a {config.get('peft_type') or config.get('adapter_type')!r} adapter, "
+                           "not jaxft's bottleneck adapters.")
+    names = apply_adapters(model, config["kind"], config["bottleneck"], config["activation"], rngs=nnx.Rngs(0))
+    if sorted(names) != sorted(config["modules"]):
+        raise AdapterError(f"{directory}: the adapters are for modules {sorted(config['modules'])[:4]}..., this model "
+                           f"has {sorted(names)[:4]}... ({len(config['modules'])} against {len(names)}): another base.")
+    for name, module in adapter_modules(model).items():
+        layer_names = _layer_names(name, module.base_layer)
+        for part in ("down_kernel", "down_bias", "up_kernel", "up_bias"):
+            variable = getattr(module.adapter, part)
+            slices = [tensors.get(f"{layer_name}.adapter.{part}") for layer_name in layer_names]
+            if any(s is None for s in slices):
+                raise AdapterError(f"{directory}: no tensor for {layer_names[0]}.adapter.{part}")
+            value = np.stack(slices) if stack.layer_ids(variable) is not None else slices[0]
+            if value.shape != variable.get_value().shape:
+                raise AdapterError(f"{directory}: {layer_names[0]}.adapter.{part} has shape {value.shape[-2:]}, "
+                                   f"this model needs {variable.get_value().shape[-2:]}: another base.")
+            variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+    return names

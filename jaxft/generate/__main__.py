@@ -1,0 +1,136 @@
+"""Generate text with a Hugging Face model, a fine-tuned adapter, or what a jaxft run exported.
+
+    python -m jaxft.generate --workdir runs/demo --prompt "Question: what is the capital of France?"
+    python -m jaxft.generate --model /models/SmolLM2-135M-Instruct --adapter runs/x/export/adapter \
+        --chat --prompt "Summarise: ..." --max-new-tokens 128
+    python -m jaxft.generate --workdir runs/x --data eval.jsonl --out preds.jsonl --batch-size 16
+
+A single prompt streams its answer to the terminal. A file of JSON lines (each with a `prompt` text or a
+`messages` chat; a trailing assistant turn is taken as the reference, not the prompt) is answered in
+batches behind a progress bar, each row written back with `prediction` and `finish_reason` added.
+`--chat` renders a prompt as a user turn of the tokenizer's chat template; with `--workdir` it is on
+when the run trained on chats. Greedy by default; `--temperature`, `--top-k`, `--top-p`, `--seed` sample.
+"""
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+from jaxft.cli import fail
+from jaxft.errors import DataError, JaxftError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxft.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="a Hugging Face model directory (or, with --workdir, instead of the run's base)")
+    p.add_argument("--adapter", help="a PEFT LoRA/DoRA or prompt-tuning adapter directory (or jaxft's adapters)")
+    p.add_argument("--workdir", help="a jaxft run directory: its exported model or adapter, its chat settings")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt to answer, streamed to the terminal")
+    source.add_argument("--data", help="a JSONL file of rows to answer (needs --out)")
+    p.add_argument("--out", help="where --data's answers go (JSONL)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompts with the chat template (default: as the --workdir run trained)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (--data)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    a = p.parse_args(argv)
+    if a.data and not a.out:
+        p.error("--data needs --out (the JSONL file the answers go to)")
+    if a.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    return a
+
+
+def read_rows(path) -> list[dict]:
+    """The JSON objects of a JSONL file; DataError names the file and line of the first that is not a usable row
+    (the checks the training data gets: jaxft/data/sources.py)."""
+    from jaxft.data.sources import diagnose_json_lines
+    try:
+        diagnose_json_lines(str(path))
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def stream_one(model, tokenizer, ids, config) -> None:
+    from jaxft.generate import generate
+    printed = [""]
+
+    def show(rows):
+        text = tokenizer.decode(rows[0], skip_special_tokens=True)
+        for stop in config.stop_strings:  # never print past a stop string
+            text = text.split(stop)[0]
+        if text.startswith(printed[0]):
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    out = generate(model, [ids], config, tokenizer=tokenizer, on_chunk=show)
+    if out.texts[0].startswith(printed[0]):
+        sys.stdout.write(out.texts[0][len(printed[0]):])
+    sys.stdout.write("\n")
+
+
+def answer_file(model, tokenizer, rows, prompts, config, batch_size: int, out_path) -> None:
+    from tqdm import tqdm
+
+    from jaxft.generate import generate
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("w") as f, tqdm(total=len(rows), unit="row", desc="generating") as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = prompts[start:start + batch_size]
+            # A short last batch is filled up with copies of its first prompt: one compiled program for all.
+            filled = batch + [batch[0]] * (min(batch_size, len(prompts)) - len(batch))
+            result = generate(model, filled, config, tokenizer=tokenizer)
+            for row, text, reason in zip(rows[start:start + batch_size], result.texts, result.finish_reasons):
+                f.write(json.dumps({**row, "prediction": text, "finish_reason": reason}) + "\n")
+            bar.update(len(batch))
+
+
+def run(a) -> None:
+    from jaxft.generate import GenerationConfig
+    from jaxft.generate.load import load_model, stop_token_ids
+    from jaxft.generate.prompts import row_prompt, text_prompt
+    model, tokenizer, run_config = load_model(a.model, adapter=a.adapter, workdir=a.workdir, dtype=a.dtype)
+    data_cfg = (run_config or {}).get("data", {})
+    chat = a.chat if a.chat is not None else data_cfg.get("format") == "messages"
+    template = data_cfg.get("chat_template") or None
+    model_dir = a.model or (pathlib.Path(a.workdir) / "export" / "model"
+                            if a.workdir and (pathlib.Path(a.workdir) / "export" / "model").is_dir()
+                            else (run_config or {}).get("model", {}).get("path"))
+    config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                              top_p=a.top_p, seed=a.seed, eos_token_ids=stop_token_ids(tokenizer, model_dir),
+                              stop_strings=tuple(a.stop), pad_token_id=tokenizer.pad_token_id or 0)
+    if a.prompt is not None:
+        return stream_one(model, tokenizer, text_prompt(tokenizer, a.prompt, chat=chat, template=template), config)
+    rows = read_rows(a.data)
+    prompts = []
+    for number, row in enumerate(rows, 1):
+        try:
+            prompts.append(row_prompt(tokenizer, row, chat=chat, template=template)[0])
+        except DataError as e:
+            raise DataError(f"{a.data}: row {number}: {e}") from None
+    answer_file(model, tokenizer, rows, prompts, config, a.batch_size, a.out)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    try:
+        run(a)
+    except JaxftError as e:
+        fail(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    main()
