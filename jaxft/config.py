@@ -155,7 +155,16 @@ def base_config() -> ml_collections.ConfigDict:
             # early_stopping_min_delta below its best (0: never stop early).
             early_stopping_patience=0,
             early_stopping_min_delta=0.0,
-            keep_best=False,  # export the parameters of the lowest eval loss (kept under <workdir>/best), not the last
+            keep_best=False,  # export the parameters of the best evaluation (kept under <workdir>/best), not the last
+            # Task metrics over answers generated for the eval rows, comma-separated: exact_match, accuracy, f1,
+            # bleu, chrf, rouge (jaxft/task_metrics.py); the answers go to <workdir>/eval/step_<N>.jsonl.
+            metrics="",
+            generate_rows=config_dict.placeholder(int),  # eval rows answered for eval.metrics (default: all)
+            max_new_tokens=64,  # the longest answer generated for eval.metrics
+            # What early stopping and keep_best judge: "loss", "perplexity", or a score eval.metrics gives
+            # ("exact_match", "accuracy", "f1_macro", "bleu", "chrf", "rouge1", "rouge2", "rougeL", ...).
+            best_metric="loss",
+            best_mode="auto",  # "min", "max", or "auto": min for loss and perplexity, max for the scores
         )
     )
 
@@ -271,6 +280,7 @@ def validate(config) -> None:
                 "data.min_tokens", "data.prefetch", "eval.early_stopping_patience", "eval.early_stopping_min_delta"):
         _positive(config, key, allow_zero=True)
     _validate_early_stopping(config)
+    _validate_task_metrics(config)
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1).")
     if not 0.0 <= config.peft.dropout < 1.0:
@@ -296,10 +306,37 @@ def _validate_early_stopping(config) -> None:
         return
     asked = "eval.early_stopping_patience" if stopping else "eval.keep_best"
     if config.data.eval is None and not config.data.eval_fraction:
-        raise ConfigError(f"{asked} judges the run by its eval loss: give data.eval or data.eval_fraction.")
+        raise ConfigError(f"{asked} judges the run by an evaluation: give data.eval or data.eval_fraction.")
     if stopping and not config.eval.every_steps:
         raise ConfigError("eval.early_stopping_patience counts evaluations during training: set eval.every_steps "
                           "(0 evaluates only at the start and the end).")
+
+
+def _validate_task_metrics(config) -> None:
+    from jaxft import task_metrics
+    names = task_metrics.parse(config.eval.metrics)
+    task_metrics.check_available(names)
+    for key in ("eval.generate_rows", "eval.max_new_tokens"):
+        _positive(config, key)
+    _choice(config, "eval.best_mode", ("auto", "min", "max"))
+    best = config.eval.best_metric
+    known = ["loss", "perplexity", *task_metrics.score_keys(names)]
+    if best not in known and not (best.startswith("f1_") and "f1" in names):  # f1_<label>: labels come with data
+        raise ConfigError(f"eval.best_metric={best!r} is not something the evaluation reports; with "
+                          f"eval.metrics={config.eval.metrics!r} it reports {', '.join(known)}.")
+    if names and config.data.eval is None and not config.data.eval_fraction:
+        raise ConfigError(f"eval.metrics={config.eval.metrics!r} scores answers to eval rows: give data.eval or "
+                          "data.eval_fraction.")
+
+
+def best_metric(config) -> tuple[str, str]:
+    """`(key in the eval metrics, "min" or "max")` of what early stopping and keep_best judge."""
+    from jaxft import task_metrics
+    name = config.eval.best_metric
+    mode = config.eval.best_mode
+    if mode == "auto":
+        mode = "max" if task_metrics.better_is_higher(name) else "min"
+    return f"eval_{name}", mode
 
 
 def _validate_peft(config) -> None:

@@ -29,10 +29,11 @@ from flax import nnx
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
-from jaxft import evaluate, export, peft, sharding
+from jaxft import evaluate, export, peft, sharding, task_metrics
 from jaxft import flops as flops_lib
-from jaxft.config import validate
-from jaxft.errors import DataError, TrainingDivergedError
+from jaxft.config import best_metric, validate
+from jaxft.errors import ConfigError, DataError, TrainingDivergedError
+from jaxft.generate.load import stop_token_ids
 from jaxft.host import tune_malloc
 from jaxft.losses import chunked_cross_entropy_sum
 from jaxft.metrics import MetricWriter, Progress, Throughput
@@ -223,7 +224,9 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     fingerprint = ckpt_lib.fingerprint(params)
     data_fingerprint = train_set.fingerprint()
-    stopper = EarlyStopping(config.eval.early_stopping_patience, config.eval.early_stopping_min_delta)
+    best_key, best_mode = best_metric(config)
+    stopper = EarlyStopping(config.eval.early_stopping_patience, config.eval.early_stopping_min_delta,
+                            mode=best_mode, metric=best_key)
     if checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore(checkpoints.latest_step(), state, fingerprint)
         _check_data_position(meta, order, int(state["step"]), data_fingerprint)
@@ -243,8 +246,13 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     progress = Progress(total_steps, start_step, config.train.progress_bar)
     throughput = Throughput(flops_per_token=flop_count.computed, num_devices=jax.device_count(), peak_flops=peak,
                             model_flops_per_token=flop_count.model_6n)
-    evaluate_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id,
-                                     batch_sharding, eval_batch_size)
+    loss_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id,
+                                 batch_sharding, eval_batch_size)
+    answer_now = _answerer(config, eval_graphdef, frozen, eval_set, tokenizer, data.label_names, train_set.pad_id,
+                           eval_batch_size, mesh, workdir)
+
+    def evaluate_now(step):
+        return {**loss_now(state["params"]), **answer_now(step, state["params"])}
     last = {}
 
     def save(step):
@@ -256,17 +264,20 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
             _write_json(workdir / "data_report.json", dict(data.report, train=train_set.report()))
 
     def judge(step, metrics):
-        """The eval loss against the best so far: the best's parameters kept, patience counted."""
-        if stopper.update(step, metrics["eval_loss"]) and best is not None:
-            best.save(step, dict(params=state["params"]), dict(step=step, eval_loss=metrics["eval_loss"],
+        """The judged metric against the best so far: the best's parameters kept, patience counted."""
+        if best_key not in metrics:
+            raise ConfigError(f"eval.best_metric={config.eval.best_metric!r}: the evaluation reported "
+                              f"{sorted(k[len('eval_'):] for k in metrics if k.startswith('eval_'))}.")
+        if stopper.update(step, metrics[best_key]) and best is not None:
+            best.save(step, dict(params=state["params"]), dict(step=step, metric=best_key, value=metrics[best_key],
                                                                 fingerprint=fingerprint))
         if stopper.should_stop:
-            log.info("Early stopping at step %d: the eval loss has not fallen more than %g below its best (%.4f, "
-                     "step %d) for %d evaluations.", step, stopper.min_delta, stopper.best_loss, stopper.best_step,
-                     stopper.patience)
+            log.info("Early stopping at step %d: %s has not %s by more than %g from its best (%.4f, step %d) for "
+                     "%d evaluations.", step, best_key, "fallen" if best_mode == "min" else "risen",
+                     stopper.min_delta, stopper.best_value, stopper.best_step, stopper.patience)
 
     if start_step == 0 and eval_set is not None:
-        last = evaluate_now(state["params"])
+        last = evaluate_now(0)
         writer.write(0, last)
         log.info("step 0: %s", _fmt(last))
         judge(0, last)
@@ -287,7 +298,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                 window = []
             if eval_set is not None and ((config.eval.every_steps and done % config.eval.every_steps == 0)
                                          or done == total_steps):
-                last = {**last, **evaluate_now(state["params"])}
+                last = {**last, **evaluate_now(done)}
                 writer.write(done, {k: last[k] for k in last if k.startswith("eval_")})
                 log.info("step %d: %s", done, _fmt(last))
                 judge(done, last)
@@ -329,8 +340,10 @@ def _best_params(workdir, params, fingerprint):
         restored, meta = best.restore(step, dict(params=params), fingerprint)
     finally:
         best.close()
-    log.info("Exporting the parameters of the best evaluation (eval.keep_best): step %d, eval loss %.4f",
-             step, meta["eval_loss"])
+    # Checkpoints from before eval.best_metric carry only their eval loss.
+    metric, value = meta.get("metric", "eval_loss"), meta.get("value", meta.get("eval_loss"))
+    log.info("Exporting the parameters of the best evaluation (eval.keep_best): step %d, %s %.4f", step, metric,
+             value)
     return restored["params"]
 
 
@@ -385,6 +398,31 @@ def _evaluate(eval_fn, frozen, eval_set, config, pad_id, batch_sharding, batch_s
     batches = data_lib.eval_batches(eval_set, batch_size, config.train.seq_len, pad_id, config.eval.max_batches)
     batches = (data_lib.to_global({k: v[rows] for k, v in b.items()}, batch_sharding, batch_size) for b in batches)
     return evaluate.loss_and_perplexity(functools.partial(eval_fn, params, frozen), batches)
+
+
+def _answerer(config, eval_graphdef, frozen, eval_set, tokenizer, label_names, pad_id, batch_size, mesh, workdir):
+    """`answer(step, params) -> scores`: the eval rows answered by the model with `params` and scored by
+    `eval.metrics`, the answers written to <workdir>/eval/step_<N>.jsonl; no scores when none are asked for."""
+    names = task_metrics.parse(config.eval.metrics)
+    if not names or eval_set is None:
+        return lambda step, params: {}
+    needing = [n for n in names if n in task_metrics.NEEDS_LABELS]
+    if needing and label_names is None:
+        raise ConfigError(f"eval.metrics={','.join(needing)} needs labelled data (data.format=classification, "
+                          f"with a {config.data.label_field!r} field); this data has no labels.")
+    stop_ids = stop_token_ids(tokenizer, config.model.path)
+
+    def answer(step, params):
+        model = nnx.merge(eval_graphdef, params, frozen)
+        records = evaluate.answer_eval_rows(model, eval_set, tokenizer, rows=config.eval.generate_rows,
+                                            max_new_tokens=config.eval.max_new_tokens, batch_size=batch_size,
+                                            stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
+        scores = evaluate.task_scores(records, names, label_names)
+        if jax.process_index() == 0:
+            evaluate.write_answers(workdir / "eval" / f"step_{step}.jsonl", step, records, scores)
+        return scores
+
+    return answer
 
 
 def _summarise(window: list[dict], throughput: Throughput, input_wait_seconds: float) -> dict:

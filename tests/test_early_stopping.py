@@ -60,6 +60,38 @@ def test_min_delta_compares_with_the_best_not_the_last():
     assert restored == stopper
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_score_judged_in_max_mode_is_the_loss_judged_in_min_mode(seed):
+    """Higher-is-better (accuracy, BLEU) decides as lower-is-better does on the negated values, HF's rule too."""
+    rng = np.random.default_rng(seed)
+    scores = [float(x) for x in np.round(rng.uniform(0, 1, 20), 1)]
+    patience = int(rng.integers(1, 5))
+    stopper = EarlyStopping(patience, mode="max", metric="eval_accuracy")
+    for i, score in enumerate(scores):
+        stopper.update(i, score)
+        if stopper.should_stop:
+            break
+    assert (stopper.stopped_at, stopper.best_step) == _ours([-x for x in scores], patience)
+    assert stopper.best_value == max(scores[:stopper.best_step + 1])
+
+
+def test_a_resume_judging_another_metric_starts_afresh():
+    stopper = EarlyStopping(patience=2, mode="max", metric="eval_exact_match")
+    for step, score in enumerate([0.5, 0.4, 0.3]):
+        stopper.update(step, score)
+    assert stopper.should_stop
+    meta = json.loads(json.dumps(stopper.to_meta()))
+    same = EarlyStopping(patience=2, mode="max", metric="eval_exact_match")
+    same.restore(meta)
+    assert same == stopper
+    other = EarlyStopping(patience=2, mode="max", metric="eval_bleu")
+    other.restore(meta)
+    assert other == EarlyStopping(patience=2, mode="max", metric="eval_bleu")
+    old = EarlyStopping(patience=3, min_delta=0.0)  # a checkpoint from before modes: best_loss, no metric
+    old.restore(dict(best_loss=1.5, best_step=4, evals_without_improvement=1, stopped_at=None))
+    assert (old.best_value, old.best_step) == (1.5, 4)
+
+
 def _run(tmp_path, name, **overrides):
     config = small_config(**{"eval.every_steps": 1, "eval.max_batches": 1, "train.log_every_steps": 1,
                              "checkpoint.every_steps": 1, "checkpoint.keep": 10, **overrides})
