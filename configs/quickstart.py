@@ -34,5 +34,10 @@ def get_config(arg=None):
     c.train.seq_len = 64  # the longest row is 64 tokens with BOS and EOS
     c.train.log_every_steps = 10
     c.eval.every_steps = 100
+    # Answer 64 eval questions at every evaluation (step 0 is the base model) and score them; the run ends by
+    # showing three answers before and after.
+    c.eval.metrics = "exact_match"
+    c.eval.generate_rows = 64
+    c.eval.max_new_tokens = 24
     c.checkpoint.every_steps = 100
     return c

@@ -65,3 +65,9 @@ def write_answers(path, step: int, records: list[dict], scores: dict) -> pathlib
         for record in records:
             f.write(json.dumps(record) + "\n")
     return path
+
+
+def read_answers(path) -> tuple[dict, list[dict]]:
+    """`(scores, records)` of a file `write_answers` wrote."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]

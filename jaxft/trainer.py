@@ -319,6 +319,9 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
         progress.close()
         writer.close()
 
+    if jax.process_index() == 0:
+        _show_answers_before_and_after(workdir)
+
     # 6. Export -----------------------------------------------------------------
     nnx.update(model, _best_params(workdir, state["params"], fingerprint) if best else state["params"])
     if jax.process_count() > 1:  # process 0 writes the files: it needs every shard
@@ -423,6 +426,20 @@ def _answerer(config, eval_graphdef, frozen, eval_set, tokenizer, label_names, p
         return scores
 
     return answer
+
+
+def _show_answers_before_and_after(workdir, count: int = 3) -> None:
+    """Log the first eval answers of the first and the last evaluation side by side, with their scores: did
+    fine-tuning change what the model says?"""
+    steps = sorted(int(p.stem.split("_")[1]) for p in (workdir / "eval").glob("step_*.jsonl"))
+    if len(steps) < 2:
+        return
+    first, last = (evaluate.read_answers(workdir / "eval" / f"step_{s}.jsonl") for s in (steps[0], steps[-1]))
+    lines = [f"Answers at step {steps[0]} and step {steps[-1]} ({_fmt(first[0])} -> {_fmt(last[0])}):"]
+    for before, after in list(zip(first[1], last[1]))[:count]:
+        lines += [f"  prompt:    {before['prompt']!r}", f"  reference: {before['reference']!r}",
+                  f"  step {steps[0]:<5}: {before['prediction']!r}", f"  step {steps[-1]:<5}: {after['prediction']!r}"]
+    log.info("\n".join(lines))
 
 
 def _summarise(window: list[dict], throughput: Throughput, input_wait_seconds: float) -> dict:

@@ -187,8 +187,11 @@ def test_quickstart_default_cuts_eval_loss_by_30_percent(tmp_path):
     c = quickstart.get_config()
     c.train.progress_bar = False
     trainer.run(c, tmp_path)
-    evals = [r["eval_loss"] for r in _records(tmp_path) if "eval_loss" in r]
-    assert evals[-1] <= 0.7 * evals[0], evals
+    evals = [r for r in _records(tmp_path) if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] <= 0.7 * evals[0]["eval_loss"], evals
+    # It answers its eval questions better, and says so with the answers before and after.
+    assert evals[-1]["eval_exact_match"] >= evals[0]["eval_exact_match"] + 0.1, evals
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [f"step_{s}.jsonl" for s in (0, 100, 200, 300)]
 
 
 def test_loss_sums_match_optax_cross_entropy():
