@@ -165,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
             # ("exact_match", "accuracy", "f1_macro", "bleu", "chrf", "rouge1", "rouge2", "rougeL", ...).
             best_metric="loss",
             best_mode="auto",  # "min", "max", or "auto": min for loss and perplexity, max for the scores
+            # A column of the eval data (e.g. "dialect", "gender", "language"): every eval.metrics score also per
+            # group, with the largest gap and, for classification, the fairness gaps (jaxft/group_metrics.py).
+            group_field=config_dict.placeholder(str),
         )
     )
 
@@ -324,6 +327,9 @@ def _validate_task_metrics(config) -> None:
     if best not in known and not (best.startswith("f1_") and "f1" in names):  # f1_<label>: labels come with data
         raise ConfigError(f"eval.best_metric={best!r} is not something the evaluation reports; with "
                           f"eval.metrics={config.eval.metrics!r} it reports {', '.join(known)}.")
+    if config.eval.group_field and not names:
+        raise ConfigError(f"eval.group_field={config.eval.group_field!r} reports the eval.metrics scores per group: "
+                          "set eval.metrics too (e.g. exact_match, or accuracy,f1 for classification).")
     if names and config.data.eval is None and not config.data.eval_fraction:
         raise ConfigError(f"eval.metrics={config.eval.metrics!r} scores answers to eval rows: give data.eval or "
                           "data.eval_fraction.")

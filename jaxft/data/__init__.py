@@ -7,7 +7,7 @@ the stages and the module that holds each.
 
 from jaxft.data.batches import Prefetcher, TrainOrder, eval_batches, pad_batch, to_global
 from jaxft.data.encode import Examples
-from jaxft.data.pipeline import Data, TrainSet, load, pad_token_id, split_off_eval
+from jaxft.data.pipeline import Data, TrainSet, eval_column, load, pad_token_id, split_off_eval
 
-__all__ = ["Data", "Examples", "Prefetcher", "TrainOrder", "TrainSet", "eval_batches", "load",
+__all__ = ["Data", "Examples", "Prefetcher", "TrainOrder", "TrainSet", "eval_batches", "eval_column", "load",
            "pad_batch", "pad_token_id", "split_off_eval", "to_global"]

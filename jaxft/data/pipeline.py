@@ -204,3 +204,19 @@ def pad_token_id(tokenizer) -> int:
         if tid is not None:
             return tid
     return 0
+
+
+def eval_column(config, examples: Examples, field: str) -> list:
+    """The value of `field` in each eval example's source row (e.g. `eval.group_field`): read from the eval
+    files, or from the training files where the eval set was held out of them (`data.eval_fraction`)."""
+    cfg = config.data
+    spec, split = (cfg.eval, cfg.eval_split) if cfg.eval else (cfg.train, cfg.train_split)
+    source = sources.resolve(spec)
+    parts = sources.load(source, split=split, hub_config=cfg.hub_config, streaming=False)
+    for i, part in enumerate(parts):
+        if field not in part.column_names:
+            name = source.files[i] if source.files else source.spec
+            raise DataError(f"eval.group_field={field!r} is not a column of the eval data {name} "
+                            f"(columns: {sorted(part.column_names)}).")
+    columns = [part[field] for part in parts]
+    return [columns[int(f)][int(r)] for f, r in examples.origin]
