@@ -125,19 +125,27 @@ class Visibility:
     kv_mask: jax.Array | None = None
     kv_lengths: jax.Array | None = None
     dense_masks: tuple | None = None  # one [B, 1, T, S] mask per window: patterns no argument above expresses
-    causal: bool = True  # False where dense_masks carry the order (queries against a KV cache: T != S)
 
     def attend(self, q, k, v, *, scale: float, window_index=None) -> jax.Array:
-        """Attention of q `[B, T, H, D]` over k, v `[B, S, K, D]` (causal self-attention: S == T) with this
-        batch's visibility and the window `windows[window_index]` (the only one when there is one)."""
+        """Causal self-attention of q `[B, T, H, D]` over k, v `[B, T, K, D]` with this batch's visibility and
+        the window `windows[window_index]` (the only one when there is one)."""
         def with_window(i):
-            return functools.partial(attention, scale=scale, backend=self.backend, causal=self.causal,
-                                     window=self.windows[i] if self.causal else None,
+            return functools.partial(attention, scale=scale, backend=self.backend, window=self.windows[i],
                                      segment_ids=self.segment_ids, kv_mask=self.kv_mask, kv_lengths=self.kv_lengths,
                                      dense_mask=None if self.dense_masks is None else self.dense_masks[i])
         if len(self.windows) == 1:
             return with_window(0)(q, k, v)
         return jax.lax.switch(window_index, [with_window(i) for i in range(len(self.windows))], q, k, v)
+
+
+    def attend_cache(self, q, keys, values, *, scale: float, window_index=None) -> jax.Array:
+        """q `[B, T, H, D]` against a KV cache's keys and values `[B, K, slots, D]` (jaxft/models/kv_cache.py),
+        what each query sees given by `dense_masks` (one per window)."""
+        def with_window(i):
+            return functools.partial(cached_attention, mask=self.dense_masks[i], scale=scale)
+        if len(self.windows) == 1:
+            return with_window(0)(q, keys, values)
+        return jax.lax.switch(window_index, [with_window(i) for i in range(len(self.windows))], q, keys, values)
 
 
 # ----------------------------------------------------------------------------- choosing
@@ -291,6 +299,19 @@ def _xla(q, k, v, mask, *, scale):
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)  # [B, 1, T, S] -> [B, 1, 1, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def cached_attention(q, keys, values, *, mask, scale):
+    """`_xla`'s computation for keys and values laid out `[B, K, S, D]`, as a KV cache holds them (decoding):
+    the dots read that layout as it is, where `[B, S, K, D]` made XLA copy every layer's cache every token."""
+    b, t, h, d = q.shape
+    kv_heads = keys.shape[1]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)  # [B, 1, T, S] -> [B, 1, 1, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 

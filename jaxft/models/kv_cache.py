@@ -1,7 +1,7 @@
 """The key/value cache a decoder fills while it generates (jaxft/generate.py).
 
 Every layer's keys and values for `slots` positions per row, allocated once, laid out like the
-model's stacked blocks (one `[layers, B, slots, kv_heads, head_dim]` array per group of
+model's stacked blocks (one `[layers, B, kv_heads, slots, head_dim]` array per group of
 `model.model.layers`, so a scan over a group reads and rewrites its layers' slices). A forward
 pass writes its tokens at slots `[index, index + T)` and attends over every slot written so far
 that holds a real token: prompts are left-padded, so their padding slots stay invisible, and
@@ -18,14 +18,16 @@ import jax.numpy as jnp
 from jaxft.models import stack
 from jaxft.sharding import constrain
 
-# [layers, batch, slots, kv_heads, head_dim] (names in jaxft/sharding.py RULES).
-CACHE_AXES = ("layers", "batch", None, "kv_heads", None)
+# [layers, batch, kv_heads, slots, head_dim] (names in jaxft/sharding.py RULES): heads before slots, the layout
+# attention's dots read (attention.cached_attention); with slots before heads XLA copied every layer's cache to
+# transpose it, every token.
+CACHE_AXES = ("layers", "batch", "kv_heads", None, None)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    keys: list  # per group of layers: [layers, B, slots, K, D]
+    keys: list  # per group of layers: [layers, B, K, slots, D]
     values: list
     valid: jax.Array  # [B, slots] bool: the slot holds a token that may be attended to
     index: jax.Array  # int32 scalar: the next slot to write
@@ -36,7 +38,7 @@ class KVCache:
         cfg = model.config
         keys = []
         for group in model.model.layers:
-            shape = (len(stack.group_ids(group)), batch, slots, cfg.num_kv_heads, cfg.head_dim)
+            shape = (len(stack.group_ids(group)), batch, cfg.num_kv_heads, slots, cfg.head_dim)
             keys.append(constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES))
         return cls(keys=keys, values=[jnp.zeros_like(k) for k in keys], valid=jnp.zeros((batch, slots), bool),
                    index=jnp.zeros((), jnp.int32))
@@ -65,7 +67,7 @@ class KVCache:
 
 
 def write(keys, values, k, v, index):
-    """One layer's cache `[B, slots, K, D]` with `k`, `v` `[B, T, K, D]` written at slots `[index, index+T)`."""
-    start = (0, index, 0, 0)
-    return (jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start),
-            jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start))
+    """One layer's cache `[B, K, slots, D]` with `k`, `v` `[B, T, K, D]` written at slots `[index, index+T)`."""
+    start = (0, 0, index, 0)
+    return (jax.lax.dynamic_update_slice(keys, jnp.swapaxes(k, 1, 2).astype(keys.dtype), start),
+            jax.lax.dynamic_update_slice(values, jnp.swapaxes(v, 1, 2).astype(values.dtype), start))

@@ -262,10 +262,11 @@ class LlamaAttention(nnx.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is None:
+            out = visibility.attend(q, k, v, scale=self.head_dim**-0.5, window_index=window_index)
+        else:
             cache = kv_cache.write(*cache, k, v, cache_index)
-            k, v = cache
-        out = visibility.attend(q, k, v, scale=self.head_dim**-0.5, window_index=window_index)
+            out = visibility.attend_cache(q, *cache, scale=self.head_dim**-0.5, window_index=window_index)
         out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         return out if cache is None else (out, cache)
 
@@ -393,8 +394,8 @@ class LlamaForCausalLM(nnx.Module):
         t = x.shape[1]
         windows = self._windows()
         cache = cache.admit(attention_mask)
-        # Queries and keys differ in length, so order is in the masks; XLA's attention takes any mask.
-        visibility = Visibility(windows, "xla", dense_masks=cache.visibility_masks(t, windows), causal=False)
+        # Queries and keys differ in length, so order is in the masks.
+        visibility = Visibility(windows, dense_masks=cache.visibility_masks(t, windows))
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
         def block(layer, x, inputs, layer_cache):

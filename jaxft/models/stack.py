@@ -252,10 +252,16 @@ def run(groups, x, block: Callable, per_layer: dict[str, np.ndarray] | None = No
             for j in range(len(ids)):
                 x, layer_cache = step(x, jax.tree.map(functools.partial(_take, j=j), (state, rows, cache)))
                 written.append(layer_cache)
-            cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *written)
+            cache = None if cache is None else jax.tree.map(_stack, *written)
         new_caches.append(cache)
     return x if caches is None else (x, new_caches)
 
 
 def _take(a, j):
-    return a[j]
+    # A group of one layer (the unrolled layout) gives its only slice as a reshape, which XLA makes a bitcast;
+    # indexing made a copy, and decoding copied every layer's KV cache that way every token.
+    return a.reshape(a.shape[1:]) if a.shape[0] == 1 else a[j]
+
+
+def _stack(*slices):
+    return slices[0][None] if len(slices) == 1 else jnp.stack(slices)
