@@ -291,27 +291,25 @@ def visibility_mask(batch: int, q_len: int, kv_len: int, *, causal: bool = True,
 
 def _xla(q, k, v, mask, *, scale):
     """The reference: scores for every (query, key) pair in float32, masked, softmaxed, one einsum a side."""
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    # The query heads sharing a kv head are an axis of their own, so k/v are read, never repeated.
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)  # [B, 1, T, S] -> [B, 1, 1, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    return _softmax_attention(q, k, v, mask, scale, kv_layout="bskd")
 
 
 def cached_attention(q, keys, values, *, mask, scale):
     """`_xla`'s computation for keys and values laid out `[B, K, S, D]`, as a KV cache holds them (decoding):
     the dots read that layout as it is, where `[B, S, K, D]` made XLA copy every layer's cache every token."""
+    return _softmax_attention(q, keys, values, mask, scale, kv_layout="bksd")
+
+
+def _softmax_attention(q, k, v, mask, scale, *, kv_layout: str):
+    """q `[B, T, H, D]`, k/v laid out as `kv_layout` says (einsum letters: b batch, s keys, k kv heads, d)."""
     b, t, h, d = q.shape
-    kv_heads = keys.shape[1]
+    kv_heads = k.shape[kv_layout.index("k")]
+    # The query heads sharing a kv head are an axis of their own, so k/v are read, never repeated.
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)  # [B, 1, T, S] -> [B, 1, 1, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
