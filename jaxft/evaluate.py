@@ -1,15 +1,23 @@
 """Evaluators: loss and perplexity over target tokens, and task metrics over answers the model generates
-for the eval rows (`eval.metrics`, jaxft/task_metrics.py)."""
+for the eval rows (`eval.metrics`, jaxft/task_metrics.py), per group with `eval.group_field`
+(jaxft/group_metrics.py)."""
 
 import json
+import logging
 import math
 import pathlib
 
 import jax
+from flax import nnx
 
-from jaxft import task_metrics
+from jaxft import data as data_lib
+from jaxft import group_metrics, task_metrics
+from jaxft.errors import ConfigError
 from jaxft.generate import GenerationConfig, generate
+from jaxft.generate.load import stop_token_ids
 from jaxft.generate.prompts import split_example
+
+log = logging.getLogger("jaxft")
 
 
 def loss_and_perplexity(loss_sums_fn, batches) -> dict:
@@ -71,3 +79,73 @@ def read_answers(path) -> tuple[dict, list[dict]]:
     """`(scores, records)` of a file `write_answers` wrote."""
     lines = pathlib.Path(path).read_text().splitlines()
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+
+
+def check_requests(config, data) -> list | None:
+    """Before any training: the task metrics fit the data (labels where they need them); the group of each eval
+    example (`eval.group_field`), None without one."""
+    names = task_metrics.parse(config.eval.metrics)
+    needing = [n for n in names if n in task_metrics.NEEDS_LABELS]
+    if needing and data.label_names is None:
+        raise ConfigError(f"eval.metrics={','.join(needing)} needs labelled data (data.format=classification, "
+                          f"with a {config.data.label_field!r} field); this data has no labels.")
+    if not (names and config.eval.group_field and data.eval is not None):
+        return None
+    return data_lib.eval_column(config, data.eval, config.eval.group_field)
+
+
+def answerer(config, eval_graphdef, frozen, eval_set, tokenizer, label_names, groups, pad_id, batch_size, mesh,
+             workdir):
+    """`answer(step, params) -> scores`: the eval rows answered by the model with `params` and scored by
+    `eval.metrics`, the answers written to <workdir>/eval/step_<N>.jsonl; no scores when none are asked for."""
+    names = task_metrics.parse(config.eval.metrics)
+    if not names or eval_set is None:
+        return lambda step, params: {}
+    stop_ids = stop_token_ids(tokenizer, config.model.path)
+    field = config.eval.group_field
+
+    def answer(step, params):
+        model = nnx.merge(eval_graphdef, params, frozen)
+        records = answer_eval_rows(model, eval_set, tokenizer, rows=config.eval.generate_rows,
+                                   max_new_tokens=config.eval.max_new_tokens, batch_size=batch_size,
+                                   stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
+        scores = task_scores(records, names, label_names)
+        report = None
+        if groups is not None:
+            for record, group in zip(records, groups):
+                record[field] = group
+            report = group_metrics.by_group(names, [r["prediction"] for r in records],
+                                            [r["reference"] for r in records], groups[:len(records)], label_names)
+            scores.update(group_metrics.flat_scores(report))
+        if jax.process_index() == 0:
+            write_answers(workdir / "eval" / f"step_{step}.jsonl", step, records, scores)
+            if report is not None:
+                report = dict(step=step, group_field=field, overall={k[5:]: v for k, v in scores.items()}, **report)
+                (workdir / "eval" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return scores
+
+    return answer
+
+
+def show_answers_before_and_after(workdir, count: int = 3) -> None:
+    """Log the first eval answers of the first and the last evaluation side by side, with their scores: did
+    fine-tuning change what the model says?"""
+    steps = sorted(int(p.stem.split("_")[1]) for p in (workdir / "eval").glob("step_*.jsonl"))
+    if len(steps) < 2:
+        return
+    first, last = (read_answers(workdir / "eval" / f"step_{s}.jsonl") for s in (steps[0], steps[-1]))
+    scores = lambda head: " ".join(f"{k}={v:.4g}" for k, v in head.items() if k != "step")  # noqa: E731
+    lines = [f"Answers at step {steps[0]} ({scores(first[0])}) and step {steps[-1]} ({scores(last[0])}):"]
+    for before, after in list(zip(first[1], last[1]))[:count]:
+        lines += [f"  prompt:    {before['prompt']!r}", f"  reference: {before['reference']!r}",
+                  f"  step {steps[0]:<5}: {before['prediction']!r}", f"  step {steps[-1]:<5}: {after['prediction']!r}"]
+    log.info("\n".join(lines))
+
+
+def show_group_report(workdir) -> None:
+    """Log the latest evaluation's scores by group (eval/report.json) as a table, if there is one."""
+    path = pathlib.Path(workdir) / "eval" / "report.json"
+    if path.is_file():
+        report = json.loads(path.read_text())
+        log.info("Scores by %s at step %d (also in eval/report.json):\n%s", report["group_field"], report["step"],
+                 group_metrics.table(report))

@@ -29,11 +29,10 @@ from flax import nnx
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
-from jaxft import evaluate, export, group_metrics, peft, sharding, task_metrics
+from jaxft import evaluate, export, peft, sharding
 from jaxft import flops as flops_lib
 from jaxft.config import best_metric, validate
 from jaxft.errors import ConfigError, DataError, TrainingDivergedError
-from jaxft.generate.load import stop_token_ids
 from jaxft.host import tune_malloc
 from jaxft.losses import chunked_cross_entropy_sum
 from jaxft.metrics import MetricWriter, Progress, Throughput
@@ -178,7 +177,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
             _write_json(workdir / "labels.json", dict(labels=data.label_names,
                                                       label_to_id={n: i for i, n in enumerate(data.label_names)}))
     log.info("Data report (also in data_report.json): %s", json.dumps(data.report))
-    eval_groups = _check_eval_requests(config, data)
+    eval_groups = evaluate.check_requests(config, data)
     log.info("%d steps of %d rows x %d tokens (%s steps per epoch)", total_steps, batch_size, seq_len,
              order.steps_per_epoch if order else "streaming: unknown")
 
@@ -249,8 +248,8 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                             model_flops_per_token=flop_count.model_6n)
     loss_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id,
                                  batch_sharding, eval_batch_size)
-    answer_now = _answerer(config, eval_graphdef, frozen, eval_set, tokenizer, data.label_names, eval_groups,
-                           train_set.pad_id, eval_batch_size, mesh, workdir)
+    answer_now = evaluate.answerer(config, eval_graphdef, frozen, eval_set, tokenizer, data.label_names,
+                                   eval_groups, train_set.pad_id, eval_batch_size, mesh, workdir)
 
     def evaluate_now(step):
         return {**loss_now(state["params"]), **answer_now(step, state["params"])}
@@ -321,11 +320,8 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
         writer.close()
 
     if jax.process_index() == 0:
-        _show_answers_before_and_after(workdir)
-        if (workdir / "eval" / "report.json").is_file():
-            report = json.loads((workdir / "eval" / "report.json").read_text())
-            log.info("Scores by %s at step %d (also in eval/report.json):\n%s", report["group_field"], report["step"],
-                     group_metrics.table(report))
+        evaluate.show_answers_before_and_after(workdir)
+        evaluate.show_group_report(workdir)
 
     # 6. Export -----------------------------------------------------------------
     nnx.update(model, _best_params(workdir, state["params"], fingerprint) if best else state["params"])
@@ -406,67 +402,6 @@ def _evaluate(eval_fn, frozen, eval_set, config, pad_id, batch_sharding, batch_s
     batches = data_lib.eval_batches(eval_set, batch_size, config.train.seq_len, pad_id, config.eval.max_batches)
     batches = (data_lib.to_global({k: v[rows] for k, v in b.items()}, batch_sharding, batch_size) for b in batches)
     return evaluate.loss_and_perplexity(functools.partial(eval_fn, params, frozen), batches)
-
-
-def _check_eval_requests(config, data) -> list | None:
-    """Before any training: the task metrics fit the data (labels where they need them); the group of each eval
-    example (`eval.group_field`), None without one."""
-    names = task_metrics.parse(config.eval.metrics)
-    needing = [n for n in names if n in task_metrics.NEEDS_LABELS]
-    if needing and data.label_names is None:
-        raise ConfigError(f"eval.metrics={','.join(needing)} needs labelled data (data.format=classification, "
-                          f"with a {config.data.label_field!r} field); this data has no labels.")
-    if not (names and config.eval.group_field and data.eval is not None):
-        return None
-    return data_lib.eval_column(config, data.eval, config.eval.group_field)
-
-
-def _answerer(config, eval_graphdef, frozen, eval_set, tokenizer, label_names, groups, pad_id, batch_size, mesh,
-              workdir):
-    """`answer(step, params) -> scores`: the eval rows answered by the model with `params` and scored by
-    `eval.metrics`, the answers written to <workdir>/eval/step_<N>.jsonl; no scores when none are asked for."""
-    names = task_metrics.parse(config.eval.metrics)
-    if not names or eval_set is None:
-        return lambda step, params: {}
-    stop_ids = stop_token_ids(tokenizer, config.model.path)
-    field = config.eval.group_field
-
-    def answer(step, params):
-        model = nnx.merge(eval_graphdef, params, frozen)
-        records = evaluate.answer_eval_rows(model, eval_set, tokenizer, rows=config.eval.generate_rows,
-                                            max_new_tokens=config.eval.max_new_tokens, batch_size=batch_size,
-                                            stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
-        scores = evaluate.task_scores(records, names, label_names)
-        report = None
-        if groups is not None:
-            for record, group in zip(records, groups):
-                record[field] = group
-            report = group_metrics.by_group(names, [r["prediction"] for r in records],
-                                            [r["reference"] for r in records], groups[:len(records)], label_names)
-            scores.update(group_metrics.flat_scores(report))
-        if jax.process_index() == 0:
-            evaluate.write_answers(workdir / "eval" / f"step_{step}.jsonl", step, records, scores)
-            if report is not None:
-                _write_json(workdir / "eval" / "report.json", dict(step=step, group_field=field,
-                                                                  overall={k[5:]: v for k, v in scores.items()},
-                                                                  **report))
-        return scores
-
-    return answer
-
-
-def _show_answers_before_and_after(workdir, count: int = 3) -> None:
-    """Log the first eval answers of the first and the last evaluation side by side, with their scores: did
-    fine-tuning change what the model says?"""
-    steps = sorted(int(p.stem.split("_")[1]) for p in (workdir / "eval").glob("step_*.jsonl"))
-    if len(steps) < 2:
-        return
-    first, last = (evaluate.read_answers(workdir / "eval" / f"step_{s}.jsonl") for s in (steps[0], steps[-1]))
-    lines = [f"Answers at step {steps[0]} and step {steps[-1]} ({_fmt(first[0])} -> {_fmt(last[0])}):"]
-    for before, after in list(zip(first[1], last[1]))[:count]:
-        lines += [f"  prompt:    {before['prompt']!r}", f"  reference: {before['reference']!r}",
-                  f"  step {steps[0]:<5}: {before['prediction']!r}", f"  step {steps[-1]:<5}: {after['prediction']!r}"]
-    log.info("\n".join(lines))
 
 
 def _summarise(window: list[dict], throughput: Throughput, input_wait_seconds: float) -> dict:
