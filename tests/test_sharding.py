@@ -300,8 +300,12 @@ def test_two_processes_train_checkpoint_and_resume_as_one(references, tmp_path):
     config = case_config(dict(method="lora", mesh=(1, 2, 2)))
     config.mesh.dcn_data = 2
     config.checkpoint.every_steps = 1
+    config.eval.metrics, config.eval.generate_rows = "exact_match", 8  # generation across the processes too
     straight = tmp_path / "straight"
     _two_processes(straight, config, tmp_path / "logs")
+    evals = [r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert evals and all("eval_exact_match" in r for r in evals)
+    assert len((straight / "eval" / f"step_{evals[-1]['step']}.jsonl").read_text().splitlines()) == 1 + 8
     reference = references / "reference_lora"
     assert _relative_error(_losses(straight), _losses(reference)) <= 1e-5
     ours, theirs = _trained(straight, "lora"), _trained(reference, "lora")

@@ -29,6 +29,7 @@ def small_config(**overrides):
     c.eval.every_steps, c.eval.max_batches = 3, 2
     c.checkpoint.every_steps, c.checkpoint.async_save = 3, False
     c.optim.warmup_steps = 2
+    c.eval.metrics = ""  # no generated answers unless a test asks for them (they cost seconds per evaluation)
     for key, value in overrides.items():
         section, name = key.split(".")
         c[section][name] = value

@@ -90,7 +90,7 @@ def _generate(model, prompts, config: GenerationConfig, tokenizer, on_chunk, mes
     if config.stop_strings and tokenizer is None:
         raise ConfigError("stop_strings need a tokenizer to read the generated text")
     ids, mask = left_pad(prompts, config.pad_token_id)
-    place = functools.partial(jax.device_put, device=sharding.replicated(mesh)) if mesh is not None else jnp.asarray
+    place = functools.partial(_place, mesh=mesh)
     graphdef, state = nnx.split(model)
     virtual = getattr(model.prompt_encoder, "num_virtual_tokens", 0) if model.prompt_encoder is not None else 0
     slots = virtual + ids.shape[1] + config.max_new_tokens - 1
@@ -101,15 +101,15 @@ def _generate(model, prompts, config: GenerationConfig, tokenizer, on_chunk, mes
     chunk = config.stop_check_every if (config.stop_strings or on_chunk) else config.max_new_tokens
     cut_at: dict[int, int] = {}  # row -> tokens kept, for rows a stop string ended
     while True:
-        tokens, done, step = jax.device_get((carry["tokens"], carry["done"], carry["step"]))
-        done = np.array(done)  # writable: stop strings mark rows done
+        # Every process reads the whole of each (on a multi-host mesh, its rows live on other hosts too).
+        tokens, done, step = (np.array(x) for x in sharding.gather((carry["tokens"], carry["done"], carry["step"])))
         rows = _rows(tokens, done, int(step), config)
         if config.stop_strings:
             for r, row in enumerate(rows):
                 if r not in cut_at and (keep := _stop_string_end(row, tokenizer, config.stop_strings)) is not None:
                     cut_at[r] = keep
                     done[r] = True
-            carry["done"] = jnp.asarray(done)
+            carry["done"] = place(done)
         if on_chunk is not None:
             on_chunk([row[:cut_at.get(r, len(row))] for r, row in enumerate(rows)])
         if int(step) >= config.max_new_tokens or bool(np.all(done)):
@@ -128,6 +128,16 @@ def _generate(model, prompts, config: GenerationConfig, tokenizer, on_chunk, mes
     if tokenizer is not None:
         texts = [_cut_text(tokenizer.decode(row, skip_special_tokens=True), config.stop_strings) for row in out]
     return Generation(out, reasons, texts)
+
+
+def _place(rows: np.ndarray, mesh=None):
+    """Host rows `[B, ...]` as the step takes them: on a mesh split over its batch axes where B divides (as
+    training splits a batch, so the program's layouts are training's), else whole on every device."""
+    if mesh is None:
+        return jnp.asarray(rows)
+    split = rows.shape[0] % sharding.batch_ways(mesh) == 0
+    target = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
+    return jax.make_array_from_callback(rows.shape, target, lambda index: rows[index])
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
