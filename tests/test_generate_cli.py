@@ -126,3 +126,14 @@ def test_bottleneck_adapters_round_trip(tmp_path):
     assert generate(loaded, [[1, 5, 9, 30]], config).tokens == generate(model, [[1, 5, 9, 30]], config).tokens
     with pytest.raises(AdapterError, match="another base"):
         load_adapters(load_pretrained(save_tiny_model("llama", tmp_path / "other")), tmp_path / "a")
+
+
+def test_a_run_that_trained_on_chats_gets_chat_prompts(run_dir, tmp_path, capsys):
+    import shutil
+    workdir = tmp_path / "chat_run"
+    shutil.copytree(run_dir[0], workdir)
+    (workdir / "data_report.json").write_text(json.dumps({"train": {"format": "messages"}}))
+    with pytest.raises(SystemExit):  # the quickstart tokenizer has no chat template: --chat was turned on
+        main(["--workdir", str(workdir), "--prompt", "hi"])
+    assert "needs a chat template" in capsys.readouterr().err
+    main(["--workdir", str(workdir), "--prompt", "hi", "--no-chat", "--max-new-tokens", "2"])

@@ -97,13 +97,23 @@ def answer_file(model, tokenizer, rows, prompts, config, batch_size: int, out_pa
             bar.update(len(batch))
 
 
+def trained_format(workdir, data_cfg: dict) -> str | None:
+    """The data format a run trained on: its `data.format`, or where that was "auto", what it detected
+    (`data_report.json`)."""
+    fmt = data_cfg.get("format")
+    report = pathlib.Path(workdir or "") / "data_report.json"
+    if fmt == "auto" and workdir and report.is_file():
+        fmt = json.loads(report.read_text()).get("train", {}).get("format", fmt)
+    return fmt
+
+
 def run(a) -> None:
     from jaxft.generate import GenerationConfig
     from jaxft.generate.load import load_model, stop_token_ids
     from jaxft.generate.prompts import row_prompt, text_prompt
     model, tokenizer, run_config = load_model(a.model, adapter=a.adapter, workdir=a.workdir, dtype=a.dtype)
     data_cfg = (run_config or {}).get("data", {})
-    chat = a.chat if a.chat is not None else data_cfg.get("format") == "messages"
+    chat = a.chat if a.chat is not None else trained_format(a.workdir, data_cfg) == "messages"
     template = data_cfg.get("chat_template") or None
     model_dir = a.model or (pathlib.Path(a.workdir) / "export" / "model"
                             if a.workdir and (pathlib.Path(a.workdir) / "export" / "model").is_dir()
