@@ -4,6 +4,8 @@ tokenised as training tokenised them; adapters that do not fit, and bad rows, na
 import json
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -11,6 +13,7 @@ from jaxft.errors import AdapterError, DataError
 from jaxft.generate import GenerationConfig, generate
 from jaxft.generate.__main__ import main
 from jaxft.generate.prompts import chat_prompt, row_prompt, split_example, text_prompt
+from jaxft.models import stack
 from jaxft.models.hf import load_pretrained, load_tokenizer
 from jaxft.peft.adapters import adapter_modules, apply_adapters, load_adapters, save_adapters
 from jaxft.peft.lora import LoRAConfig, apply_lora, lora_modules
@@ -137,3 +140,30 @@ def test_a_run_that_trained_on_chats_gets_chat_prompts(run_dir, tmp_path, capsys
         main(["--workdir", str(workdir), "--prompt", "hi"])
     assert "needs a chat template" in capsys.readouterr().err
     main(["--workdir", str(workdir), "--prompt", "hi", "--no-chat", "--max-new-tokens", "2"])
+
+
+def test_a_qlora_run_answers_over_its_quantised_base(tokenizer, tmp_path):
+    """The adapter of a QLoRA run was trained against the quantised base: a --workdir load quantises it the same
+    way (the same logits), which loading the adapter over the float base would not give."""
+    from jaxft import peft
+    config = small_config(**{"peft.method": "qlora", "peft.rank": 4, "peft.quant": "nf4", "peft.quant_block_size": 64})
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    model = load_pretrained(QUICKSTART / "model", layer_loop="unroll")  # as load_model lays it out on CPU
+    method = peft.prepare(model, config.peft, rngs=nnx.Rngs(0))
+    stack.layout_for_loop(model)
+    for i, m in enumerate(lora_modules(model).values()):
+        m.lora_b.set_value(0.05 * jax.random.normal(jax.random.key(i), m.lora_b.get_value().shape))
+    save_lora_adapter(model, tmp_path / "export" / "adapter", method.lora, list(method.wrapped),
+                      base_model=str(QUICKSTART / "model"))
+    from jaxft.generate.load import load_model
+    from jaxft.peft.quant import quantized_modules
+    loaded, _, run_config = load_model(workdir=tmp_path)
+    assert run_config["peft"]["method"] == "qlora"
+    assert set(quantized_modules(loaded)) == set(quantized_modules(model)) != set()
+    ids = jnp.asarray([text_prompt(tokenizer, EVAL_ROWS[0]["prompt"])])
+    ours, expected = np.asarray(loaded(ids)), np.asarray(model(ids))
+    assert np.abs(ours - expected).max() <= 1e-5
+    float_base = load_pretrained(QUICKSTART / "model")  # what loading the adapter without quantising gives
+    from jaxft.peft.peft_format import load_lora_adapter
+    load_lora_adapter(float_base, tmp_path / "export" / "adapter")
+    assert np.abs(np.asarray(float_base(ids)) - expected).max() > 100 * 1e-5
