@@ -445,3 +445,34 @@ def test_causal_block_skipping_equals_full_attention(window):
     chunked = _chunked(q, k, v, mask, scale=d**-0.5, causal=True)
     full = _chunked(q, k, v, mask, scale=d**-0.5, causal=False)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_sequence_classifier_checkpoint_gives_transformers_logits(tmp_path, model_type):
+    """A transformers *ForSequenceClassification checkpoint loads as a classifier (a `score` head, no vocabulary
+    head): its label logits equal transformers' on right-padded rows, and it writes back the same tensor names."""
+    import torch
+    import transformers
+
+    from jaxft.errors import ConfigError
+    from jaxft.models import to_hf_state_dict
+    from tests.tiny_hf import padded_batch, tiny_config
+    config = tiny_config(model_type, num_labels=3, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    reference.save_pretrained(tmp_path / "clf")
+    ids, mask, _ = padded_batch(128)
+    ids, mask = ids[:2], mask[:2]  # a full row and a right-padded one
+    ids = np.where(mask == 1, np.maximum(ids, 1), 0)  # padding is pad_token_id, real tokens are not
+    with torch.no_grad():
+        expected = reference(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                             attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits.numpy()
+    model = load_pretrained(tmp_path / "clf")
+    assert model.config.num_labels == 3 and model.lm_head is None
+    ours = np.asarray(model.classify(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert ours.shape == (2, 3)
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    assert set(to_hf_state_dict(model)) == set(reference.state_dict())
+    with pytest.raises(ConfigError, match="sequence classifier"):
+        model.logits(jnp.zeros((1, 2, config.hidden_size)))

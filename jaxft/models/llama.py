@@ -90,6 +90,9 @@ class LlamaConfig:
     remat: str = "none"
     layer_loop: str = "scan"  # "scan": the blocks under one lax.scan; "unroll": a Python loop (stack.LOOPS)
     attention: str = "auto"  # the attention kernel (jaxft/models/attention.py BACKENDS)
+    # 0: a language model (the output head over the vocabulary). N > 0: a sequence classifier, as transformers'
+    # *ForSequenceClassification: a `score` head to N labels over each row's last real token, no vocabulary head.
+    num_labels: int = 0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
@@ -220,6 +223,8 @@ class LlamaConfig:
                 f"unknown LlamaConfig override(s) {sorted(unknown)}; "
                 f"valid: {sorted(f.name for f in dataclasses.fields(cls))}"
             )
+        if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+            fields["num_labels"] = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
         fields.update(overrides)
         return cls(**fields)
 
@@ -316,12 +321,15 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.model = LlamaModel(config, rngs=rngs)
-        if config.tie_word_embeddings:
-            self.lm_head = None  # logits come from model.embed_tokens.attend
+        if config.tie_word_embeddings or config.num_labels:
+            self.lm_head = None  # logits come from model.embed_tokens.attend (a classifier has none)
         else:
             self.lm_head = _dense(
                 config, config.hidden_size, config.vocab_size, False, ("embed", "vocab"), rngs
             )
+        # A sequence classifier's head (transformers names it `score`); None in a language model.
+        self.score = (_dense(config, config.hidden_size, config.num_labels, False, ("embed", None), rngs)
+                      if config.num_labels else nnx.data(None))
         # Prompt tuning (jaxft/peft/prompt.py) sets this to a module holding the virtual
         # token embeddings. Declared as data so a module can be assigned to it later.
         self.prompt_encoder = nnx.data(None)
@@ -420,10 +428,26 @@ class LlamaForCausalLM(nnx.Module):
             return {}
         return {"window": np.array([windows.index(cfg.layer_window(i)) for i in range(cfg.num_layers)])}
 
+    def classify(self, input_ids, *, attention_mask=None, positions=None):
+        """Float32 label logits `[B, num_labels]` of a sequence classifier: the `score` head over each row's
+        last real token (the last 1 of `attention_mask`; the last position without one), as transformers'
+        *ForSequenceClassification pools the rightmost token that is not padding."""
+        if self.score is None:
+            raise ConfigError("classify needs a sequence classifier (config.num_labels > 0); this is a language "
+                              "model: use logits()")
+        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            last = jnp.full((b,), t - 1)
+        else:
+            last = jnp.max(jnp.where(attention_mask > 0, jnp.arange(t), 0), axis=1)
+        return self.score(hidden[jnp.arange(b), last]).astype(jnp.float32)
+
     def output_head(self):
         """`(apply, params)`: the language-model head as a pure function of its parameters, `apply(params,
         hidden) -> logits` in the compute dtype (the untied `lm_head`, or the embedding's `attend` when tied),
         so a loss can run it over chunks of tokens (jaxft/losses.py)."""
+        self._check_language_model()
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         graphdef, params = nnx.split(head)
         if self.lm_head is None:
@@ -432,5 +456,11 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden):
         """Float32 logits `[B, T, vocab]` of final hidden states `[B, T, hidden]`."""
+        self._check_language_model()
         head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
         return head(hidden).astype(jnp.float32)
+
+    def _check_language_model(self):
+        if self.config.num_labels:
+            raise ConfigError(f"this model is a sequence classifier ({self.config.num_labels} labels): it has no "
+                              "vocabulary head to give token logits; use classify()")
