@@ -13,7 +13,7 @@ from flax import nnx
 from jaxft import data as data_lib
 from jaxft import group_metrics, task_metrics
 from jaxft.errors import ConfigError
-from jaxft.generate import GenerationConfig, generate
+from jaxft.generate import GenerationConfig, generate_in_batches
 from jaxft.generate.load import stop_token_ids
 from jaxft.generate.prompts import split_example
 
@@ -45,14 +45,11 @@ def answer_eval_rows(model, examples, tokenizer, *, rows: int | None, max_new_to
         references.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=tuple(stop_ids), pad_token_id=pad_id)
     records = []
-    for start in range(0, n, batch_size):
-        batch = prompts[start:start + batch_size]
-        filled = batch + [batch[0]] * (min(batch_size, n) - len(batch))  # one program for every batch
-        out = generate(model, filled, config, tokenizer=tokenizer, mesh=mesh)
-        for j, prompt in enumerate(batch):
+    for start, out in generate_in_batches(model, prompts, config, batch_size, tokenizer=tokenizer, mesh=mesh):
+        for j, (text, reason) in enumerate(zip(out.texts, out.finish_reasons)):
             i = start + j
-            records.append(dict(prompt=tokenizer.decode(prompt), reference=references[i],
-                                prediction=out.texts[j].strip(), finish_reason=out.finish_reasons[j],
+            records.append(dict(prompt=tokenizer.decode(prompts[i]), reference=references[i], prediction=text.strip(),
+                                finish_reason=reason,
                                 source=dict(file=int(examples.origin[i][0]), row=int(examples.origin[i][1]))))
     return records
 

@@ -24,7 +24,7 @@ from jaxft.errors import ConfigError
 METRICS = ("exact_match", "accuracy", "f1", "bleu", "chrf", "rouge")
 NEEDS_LABELS = ("accuracy", "f1")  # classification data only
 LIBRARIES = {"bleu": "sacrebleu", "chrf": "sacrebleu", "rouge": "rouge_score"}
-HIGHER_IS_BETTER_EXCEPT = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def parse(spec: str | None) -> tuple[str, ...]:
@@ -140,4 +140,4 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
 def better_is_higher(metric: str) -> bool:
     """Whether a larger value of `metric` (an eval key without `eval_`) is better."""
-    return metric not in HIGHER_IS_BETTER_EXCEPT
+    return metric not in LOWER_IS_BETTER

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 from jaxft.errors import ConfigError
 from jaxft.generate import Generation, GenerationConfig, generate, left_pad
-from jaxft.generate.decode import _nucleus, _pick
+from jaxft.generate.decode import _pick, warp
 from jaxft.models import hf, stack
 from jaxft.models.hf import load_pretrained
 from jaxft.peft.lora import lora_modules, merge
@@ -197,16 +197,11 @@ def test_sampling_distribution_matches_transformers_warpers(temperature, top_k, 
                    + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])):
         warped = warper(None, warped)
     expected = torch.log_softmax(warped, -1).numpy()
-    ours = jnp.asarray(logits) / temperature
-    if top_k:
-        ours = jnp.where(ours < jax.lax.top_k(ours, top_k)[0][:, -1:], -jnp.inf, ours)
-    if top_p < 1:
-        ours = _nucleus(ours, top_p)
-    ours = np.asarray(jax.nn.log_softmax(ours, -1))
+    config = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    ours = np.asarray(jax.nn.log_softmax(warp(jnp.asarray(logits), config), -1))
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
     np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], atol=1e-5)
     # And _pick only ever draws from the surviving tokens.
-    config = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     drawn = np.stack([np.asarray(_pick(jnp.asarray(logits), jax.random.key(i), config)) for i in range(30)])
     assert np.isfinite(expected[np.arange(4)[None, :], drawn]).all()
 

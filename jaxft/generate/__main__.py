@@ -83,18 +83,14 @@ def stream_one(model, tokenizer, ids, config) -> None:
 def answer_file(model, tokenizer, rows, prompts, config, batch_size: int, out_path) -> None:
     from tqdm import tqdm
 
-    from jaxft.generate import generate
+    from jaxft.generate import generate_in_batches
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as f, tqdm(total=len(rows), unit="row", desc="generating") as bar:
-        for start in range(0, len(rows), batch_size):
-            batch = prompts[start:start + batch_size]
-            # A short last batch is filled up with copies of its first prompt: one compiled program for all.
-            filled = batch + [batch[0]] * (min(batch_size, len(prompts)) - len(batch))
-            result = generate(model, filled, config, tokenizer=tokenizer)
-            for row, text, reason in zip(rows[start:start + batch_size], result.texts, result.finish_reasons):
+        for start, result in generate_in_batches(model, prompts, config, batch_size, tokenizer=tokenizer):
+            for row, text, reason in zip(rows[start:], result.texts, result.finish_reasons):
                 f.write(json.dumps({**row, "prediction": text, "finish_reason": reason}) + "\n")
-            bar.update(len(batch))
+            bar.update(len(result.texts))
 
 
 def trained_format(workdir, data_cfg: dict) -> str | None:
@@ -109,15 +105,13 @@ def trained_format(workdir, data_cfg: dict) -> str | None:
 
 def run(a) -> None:
     from jaxft.generate import GenerationConfig
-    from jaxft.generate.load import load_model, stop_token_ids
+    from jaxft.generate.load import load_model, sources, stop_token_ids
     from jaxft.generate.prompts import row_prompt, text_prompt
     model, tokenizer, run_config = load_model(a.model, adapter=a.adapter, workdir=a.workdir, dtype=a.dtype)
     data_cfg = (run_config or {}).get("data", {})
     chat = a.chat if a.chat is not None else trained_format(a.workdir, data_cfg) == "messages"
     template = data_cfg.get("chat_template") or None
-    model_dir = a.model or (pathlib.Path(a.workdir) / "export" / "model"
-                            if a.workdir and (pathlib.Path(a.workdir) / "export" / "model").is_dir()
-                            else (run_config or {}).get("model", {}).get("path"))
+    model_dir = sources(a.model, adapter=a.adapter, workdir=a.workdir)[1]
     config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                               top_p=a.top_p, seed=a.seed, eos_token_ids=stop_token_ids(tokenizer, model_dir),
                               stop_strings=tuple(a.stop), pad_token_id=tokenizer.pad_token_id or 0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +130,18 @@ def _generate(model, prompts, config: GenerationConfig, tokenizer, on_chunk, mes
     return Generation(out, reasons, texts)
 
 
+def generate_in_batches(model, prompts: Sequence[Sequence[int]], config: GenerationConfig, batch_size: int, *,
+                        tokenizer=None, mesh=None) -> Iterator[tuple[int, Generation]]:
+    """`(start, Generation)` for each batch of `batch_size` prompts in order. A short last batch is filled up with
+    copies of its first prompt (their answers dropped), so one compiled program serves every batch."""
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        filled = batch + [batch[0]] * (min(batch_size, len(prompts)) - len(batch))
+        out = generate(model, filled, config, tokenizer=tokenizer, mesh=mesh)
+        n = len(batch)
+        yield start, Generation(out.tokens[:n], out.finish_reasons[:n], None if out.texts is None else out.texts[:n])
+
+
 def _place(rows: np.ndarray, mesh=None):
     """Host rows `[B, ...]` as the step takes them: on a mesh split over its batch axes where B divides (as
     training splits a batch, so the program's layouts are training's), else whole on every device."""
@@ -198,17 +210,22 @@ def _is_stop(token, config: GenerationConfig):
 
 
 def _pick(logits, key, config: GenerationConfig):
-    """The next token `[B]` from float32 logits `[B, vocab]`: argmax, or a sample after temperature, top-k
-    and top-p (in that order, as transformers applies them)."""
+    """The next token `[B]` from float32 logits `[B, vocab]`: argmax, or a sample from `warp`'s logits."""
     if config.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, warp(logits, config), axis=-1).astype(jnp.int32)
+
+
+def warp(logits, config: GenerationConfig):
+    """The logits a token is sampled from: temperature, then top-k, then top-p (transformers' order); tokens cut
+    away get -inf."""
     logits = logits / config.temperature
     if config.top_k and config.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if config.top_p < 1.0:
         logits = _nucleus(logits, config.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
 
 
 def _nucleus(logits, top_p: float):

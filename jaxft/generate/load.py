@@ -19,6 +19,24 @@ def load_model(model_path=None, *, adapter=None, workdir=None, dtype: str = "flo
     LoRA/DoRA or prompt-tuning directory, or jaxft's bottleneck adapters), or what the run in `workdir` exported
     (its merged or fully fine-tuned model, else its base with its adapter; `run_config` is its resolved config,
     else None). The blocks are laid out for the backend's layer loop."""
+    run_config, model_path, adapter = sources(model_path, adapter=adapter, workdir=workdir)
+    from jaxft.peft.quant import QuantSpec
+    from jaxft.trainer import layer_loop
+    on_param = None
+    if adapter is not None and run_config is not None and run_config["peft"]["method"] == "qlora":
+        # The adapter was trained over the quantised base: quantise it as the run did, layer by layer as it loads.
+        on_param = QuantSpec.from_config(types.SimpleNamespace(**run_config["peft"])).on_param
+    model = hf.load_pretrained(model_path, mesh=mesh, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
+                               layer_loop=layer_loop("auto"), on_param=on_param)
+    if adapter is not None:
+        _apply_adapter(model, pathlib.Path(adapter))
+    stack.layout_for_loop(model)
+    tokenizer = hf.load_tokenizer(model_path)
+    return model, tokenizer, run_config
+
+
+def sources(model_path=None, *, adapter=None, workdir=None):
+    """`(run_config or None, model directory, adapter directory or None)` that `load_model` loads."""
     if workdir is not None and adapter is not None:
         raise ConfigError("give --adapter or --workdir, not both: a run's workdir names its own adapter")
     run_config = None
@@ -26,14 +44,7 @@ def load_model(model_path=None, *, adapter=None, workdir=None, dtype: str = "flo
         run_config, model_path, adapter = _from_workdir(pathlib.Path(workdir), model_path)
     if model_path is None:
         raise ConfigError("no model: give --model (a Hugging Face model directory) or --workdir (a jaxft run)")
-    from jaxft.trainer import layer_loop
-    model = hf.load_pretrained(model_path, mesh=mesh, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
-                               layer_loop=layer_loop("auto"))
-    if adapter is not None:
-        _apply_adapter(model, pathlib.Path(adapter), run_config)
-    stack.layout_for_loop(model)
-    tokenizer = hf.load_tokenizer(model_path)
-    return model, tokenizer, run_config
+    return run_config, model_path, adapter
 
 
 def _from_workdir(workdir: pathlib.Path, model_path):
@@ -51,19 +62,16 @@ def _from_workdir(workdir: pathlib.Path, model_path):
                       "its config turned the exports off.")
 
 
-def _apply_adapter(model, directory: pathlib.Path, run_config) -> None:
+def _apply_adapter(model, directory: pathlib.Path) -> None:
     from jaxft.peft.adapters import load_adapters
     from jaxft.peft.peft_format import load_lora_adapter
     from jaxft.peft.prompt import load_prompt_adapter
-    from jaxft.peft.quant import QuantSpec, quantize_model
     try:
         saved = json.loads((directory / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
         raise AdapterError(f"{directory} holds no readable adapter_config.json: {e}") from None
     kind = saved.get("peft_type") or saved.get("adapter_type")
     if kind == "LORA":
-        if run_config is not None and run_config["peft"]["method"] == "qlora":  # trained over the quantised base
-            quantize_model(model, QuantSpec.from_config(types.SimpleNamespace(**run_config["peft"])))
         load_lora_adapter(model, directory)
     elif kind == "PROMPT_TUNING":
         load_prompt_adapter(model, directory)
