@@ -1,4 +1,4 @@
-"""The key/value cache a decoder fills while it generates (jaxft/generate.py).
+"""The key/value cache a decoder fills while it generates (jaxft/generate/decode.py).
 
 Every layer's keys and values for `slots` positions per row, allocated once, laid out like the
 model's stacked blocks (one `[layers, B, kv_heads, slots, head_dim]` array per group of

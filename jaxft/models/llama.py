@@ -258,7 +258,7 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x, cos, sin, visibility: Visibility, window_index=None, cache=None, cache_index=None):
         """The attention output for `x` `[B, T, hidden]`. With `cache` (this layer's keys and values
-        `[B, slots, K, D]`, jaxft/models/kv_cache.py) the new keys and values are written at slots
+        `[B, K, slots, D]`, jaxft/models/kv_cache.py) the new keys and values are written at slots
         `[cache_index, cache_index + T)` and the queries attend over the cache: returns `(out, cache)`."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -383,7 +383,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def cached_hidden_states(self, input_ids, cache: kv_cache.KVCache, *, attention_mask, positions,
                              prompt: bool = False):
-        """A pass of generation (jaxft/generate.py): `input_ids` `[B, T]` run at the cache's next T slots,
+        """A pass of generation (jaxft/generate/decode.py): `input_ids` `[B, T]` run at the cache's next T slots,
         attending to every earlier slot that holds a token. Returns the final normed hidden states
         `[B, T, hidden]` and the cache with the T tokens' keys and values written.
 
