@@ -14,6 +14,9 @@ from ml_collections import config_dict
 from jaxft.errors import ConfigError
 
 PEFT_METHODS = ("lora", "qlora", "adapter", "prompt_tuning", "bitfit", "partial", "full")
+TASKS = ("causal_lm", "sequence_classification")
+# The methods that can train a classification head: PEFT's modules_to_save beside LoRA, or the whole model.
+HEAD_METHODS = ("lora", "qlora", "full", "partial", "bitfit")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "rmsprop", "adagrad")
 SCHEDULES = ("warmup_cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -88,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft = ml_collections.ConfigDict(
         dict(
             method="lora",
+            # "causal_lm": the model learns to write the targets (a classification label as text);
+            # "sequence_classification": a `score` head maps the last real token of each classification row to
+            # its label (transformers' *ForSequenceClassification), trained with the method.
+            task="causal_lm",
             rank=8,
             alpha=16.0,
             dropout=0.0,
@@ -346,6 +353,8 @@ def best_metric(config) -> tuple[str, str]:
 
 
 def _validate_peft(config) -> None:
+    _choice(config, "peft.task", TASKS)
+    _validate_head(config)
     _choice(config, "peft.quant", ("nf4", "int8"))
     _choice(config, "peft.kernel", ("auto", "pallas", "xla"))
     _choice(config, "peft.adapter_kind", ("houlsby", "pfeiffer"))
@@ -370,3 +379,19 @@ def _validate_peft(config) -> None:
                           f"peft.method='qlora', not {peft.method!r}.")
     if peft.use_dora and peft.method not in ("lora", "qlora"):
         raise ConfigError(f"peft.use_dora applies to lora and qlora, not peft.method={peft.method!r}.")
+
+
+def _validate_head(config) -> None:
+    if config.peft.task != "sequence_classification":
+        return
+    method = config.peft.method
+    if method not in HEAD_METHODS:
+        raise ConfigError(f"peft.task=sequence_classification trains a score head with the model; peft.method="
+                          f"{method!r} cannot carry one. Use one of {', '.join(HEAD_METHODS)}, or "
+                          f"peft.task=causal_lm to train the label as text.")
+    if config.data.format not in ("auto", "classification"):
+        raise ConfigError(f"peft.task=sequence_classification learns labels: it needs data.format=classification "
+                          f"(a text and a label per row), not {config.data.format!r}.")
+    if config.data.packing:
+        raise ConfigError("peft.task=sequence_classification pools each row's last token; data.packing would put "
+                          "several examples in one row. Turn data.packing off.")

@@ -2,12 +2,14 @@
 for the eval rows (`eval.metrics`, jaxft/task_metrics.py), per group with `eval.group_field`
 (jaxft/group_metrics.py)."""
 
+import functools
 import json
 import logging
 import math
 import pathlib
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxft import data as data_lib
@@ -54,6 +56,25 @@ def answer_eval_rows(model, examples, tokenizer, *, rows: int | None, max_new_to
     return records
 
 
+def classify_eval_rows(label_logits, examples, tokenizer, label_names, *, rows: int | None) -> list[dict]:
+    """A sequence classifier's labels for the first `rows` eval examples (all by default), from
+    `label_logits(examples, n)` (`[n, num_labels]` logits of the first n). One record per example, as
+    `answer_eval_rows` gives: prompt (the text), reference and prediction (label names), the predicted label's
+    probability, the label logits, its source row."""
+    n = len(examples) if rows is None else min(rows, len(examples))
+    logits = np.asarray(label_logits(examples, n), np.float64)
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    records = []
+    for i, k in enumerate(np.argmax(logits, axis=1)):
+        records.append(dict(prompt=tokenizer.decode(examples.get(i)[0], skip_special_tokens=True),
+                            reference=label_names[int(examples.labels[i])], prediction=label_names[int(k)],
+                            probability=round(float(probabilities[i, k]), 6),
+                            logits=[round(float(x), 6) for x in logits[i]],
+                            source=dict(file=int(examples.origin[i][0]), row=int(examples.origin[i][1]))))
+    return records
+
+
 def task_scores(records: list[dict], names, label_names=None) -> dict:
     """`eval_<score>` for every metric in `names` over the records' predictions and references."""
     scores = task_metrics.compute(names, [r["prediction"] for r in records], [r["reference"] for r in records],
@@ -92,20 +113,28 @@ def check_requests(config, data) -> list | None:
 
 
 def answerer(config, eval_graphdef, frozen, eval_set, tokenizer, label_names, groups, pad_id, batch_size, mesh,
-             workdir):
+             workdir, label_logits=None):
     """`answer(step, params) -> scores`: the eval rows answered by the model with `params` and scored by
-    `eval.metrics`, the answers written to <workdir>/eval/step_<N>.jsonl; no scores when none are asked for."""
+    `eval.metrics`, the answers written to <workdir>/eval/step_<N>.jsonl; no scores when none are asked for.
+    A language model generates its answers; a sequence classifier's are its head's labels
+    (`label_logits(params, examples, n)` gives their logits)."""
     names = task_metrics.parse(config.eval.metrics)
     if not names or eval_set is None:
         return lambda step, params: {}
     stop_ids = stop_token_ids(tokenizer, config.model.path)
     field = config.eval.group_field
 
-    def answer(step, params):
+    def records_for(params):
+        if label_logits is not None:
+            return classify_eval_rows(functools.partial(label_logits, params), eval_set, tokenizer, label_names,
+                                      rows=config.eval.generate_rows)
         model = nnx.merge(eval_graphdef, params, frozen)
-        records = answer_eval_rows(model, eval_set, tokenizer, rows=config.eval.generate_rows,
-                                   max_new_tokens=config.eval.max_new_tokens, batch_size=batch_size,
-                                   stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
+        return answer_eval_rows(model, eval_set, tokenizer, rows=config.eval.generate_rows,
+                                max_new_tokens=config.eval.max_new_tokens, batch_size=batch_size,
+                                stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
+
+    def answer(step, params):
+        records = records_for(params)
         scores = task_scores(records, names, label_names)
         report = None
         if groups is not None:

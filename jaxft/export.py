@@ -13,6 +13,7 @@ import pathlib
 from flax import nnx
 from safetensors.numpy import save_file
 
+from jaxft.data.pipeline import pad_token_id
 from jaxft.models import hf
 from jaxft.peft.adapters import save_adapters
 from jaxft.peft.lora import merge_lora
@@ -23,17 +24,21 @@ from jaxft.peft.quant import dequantize_model
 log = logging.getLogger("jaxft")
 
 
-def export_run(model, method, tokenizer, config, directory) -> None:
-    """Write the exports `config.export` asks for; logs each path."""
+def export_run(model, method, tokenizer, config, directory, label_names=None) -> None:
+    """Write the exports `config.export` asks for; logs each path. `label_names`: a sequence classifier's labels
+    in id order (its HF config's id2label; a LoRA adapter's labels.json)."""
     directory = pathlib.Path(directory)
     if method.name in ("lora", "qlora"):
         if config.export.adapter:
             path = save_lora_adapter(model, directory / "adapter", method.lora, list(method.wrapped),
                                      base_model=config.model.path)
+            if label_names is not None:  # PEFT keeps no label names: the base is built with them (README)
+                (path / "labels.json").write_text(json.dumps(dict(id2label=dict(enumerate(label_names))),
+                                                             indent=2) + "\n")
             log.info("Exported the LoRA adapter (PEFT format) to %s", path)
         if config.export.merged:
             merged = dequantize_model(merge_lora(nnx.clone(model)))  # QLoRA: float weights for HF
-            path = save_hf_model(merged, directory / "model", config.model.path, tokenizer)
+            path = save_hf_model(merged, directory / "model", config.model.path, tokenizer, label_names)
             log.info("Exported the merged model (HF format) to %s", path)
     elif method.name == "adapter":
         if config.export.adapter:
@@ -48,17 +53,29 @@ def export_run(model, method, tokenizer, config, directory) -> None:
                                        else None)
             log.info("Exported the prompt (PEFT prompt-tuning format) to %s", path)
     elif method.name in ("full", "partial", "bitfit"):  # base weights trained: the whole model
-        path = save_hf_model(model, directory / "model", config.model.path, tokenizer)
+        path = save_hf_model(model, directory / "model", config.model.path, tokenizer, label_names)
         log.info("Exported the fine-tuned model (HF format) to %s", path)
 
 
-def save_hf_model(model, directory, base_path, tokenizer) -> pathlib.Path:
-    """config.json (the base's), model.safetensors and the tokenizer: loadable by `from_pretrained`."""
+def save_hf_model(model, directory, base_path, tokenizer, label_names=None) -> pathlib.Path:
+    """config.json (the base's), model.safetensors and the tokenizer: loadable by `from_pretrained`. With
+    `label_names` a sequence classifier's (AutoModelForSequenceClassification)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = hf.to_hf_state_dict(model)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     hf_config = hf.read_config(base_path)
+    if label_names is not None:
+        hf_config = classifier_config(hf_config, label_names, pad_token_id(tokenizer))
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def classifier_config(hf_config: dict, label_names: list[str], pad_id: int) -> dict:
+    """A language model's HF config as its sequence classifier's: the architecture, the labels, and the pad
+    token id transformers pools by (the last token that is not padding)."""
+    arch = [a.replace("ForCausalLM", "ForSequenceClassification") for a in hf_config.get("architectures") or []]
+    return dict(hf_config, architectures=arch or None, num_labels=len(label_names), pad_token_id=pad_id,
+                id2label={str(i): name for i, name in enumerate(label_names)},
+                label2id={name: i for i, name in enumerate(label_names)})

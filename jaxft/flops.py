@@ -158,6 +158,8 @@ def _position(name: str, num_layers: int) -> tuple[int, int, int]:
         return num_layers, 0, 0
     if name.startswith("lm_head."):
         return num_layers, 1, _part(name[len("lm_head"):])
+    if name.startswith("score."):  # a classifier's head, on top like a language model's
+        return num_layers, 1, 0
     return -1, 0, 0  # embeddings, the prompt encoder, anything else: the input
 
 
@@ -267,7 +269,8 @@ def _matmuls(model, trainable: TrainableFilter, num_layers: int, seq_len: int, b
             trains = isinstance(variable, nnx.Param) and trainable.is_trainable(name)
             out.append(_Matmul(name, size, pos, trains, rows))
 
-    tied = getattr(model, "lm_head", "untied") is None
+    # Tied: the embedding is also the vocabulary head (a sequence classifier has neither head, only `score`).
+    tied = getattr(model, "lm_head", "untied") is None and not getattr(model.config, "num_labels", 0)
     for path, module in nnx.iter_modules(model):
         if type(module) is Linear:
             add(path, module, "kernel", module.in_features * module.out_features)

@@ -34,7 +34,7 @@ from jaxft import flops as flops_lib
 from jaxft.config import best_metric, validate
 from jaxft.errors import ConfigError, DataError, TrainingDivergedError
 from jaxft.host import tune_malloc
-from jaxft.losses import chunked_cross_entropy_sum
+from jaxft.losses import chunked_cross_entropy_sum, token_cross_entropy
 from jaxft.metrics import MetricWriter, Progress, Throughput
 from jaxft.models import attention, hf, stack
 from jaxft.optim import build_optimizer, learning_rate_schedule
@@ -52,11 +52,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def loss_sums(model, batch, loss_chunk: int = 0):
-    """(sum of next-token cross-entropy over target tokens, number of target tokens), float32.
+    """(sum of next-token cross-entropy over target tokens, number of target tokens), float32; for a sequence
+    classifier `label_loss_sums`.
 
     `loss_chunk` > 0: the head and the loss run over chunks of that many positions, so the
     `[B, T, vocab]` logits never exist whole (jaxft/losses.py); 0: one chunk of the whole row.
     """
+    if model.config.num_labels:
+        return label_loss_sums(model, batch)
     # Packed rows carry segment ids and restarting positions (jaxft/data/packing.py); padding
     # only ever ends a row (jaxft/data/batches.py).
     hidden = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -70,6 +73,22 @@ def loss_sums(model, batch, loss_chunk: int = 0):
     total = chunked_cross_entropy_sum(head, head_params, hidden, targets, weights,
                                       chunk_size=loss_chunk or hidden.shape[1])
     return total, jnp.sum(weights)
+
+
+def label_loss_sums(model, batch):
+    """(sum of the label cross-entropy over labelled rows, number of labelled rows), float32: a sequence
+    classifier's loss, its `score` head over each row's last real token. Rows labelled -1 (padding) count nothing."""
+    logits = model.classify(batch["input_ids"], attention_mask=batch["attention_mask"], right_padded=True)
+    labelled = batch["labels"] >= 0
+    losses = token_cross_entropy(logits, jnp.maximum(batch["labels"], 0))
+    return jnp.sum(jnp.where(labelled, losses, 0.0)), jnp.sum(labelled.astype(jnp.float32))
+
+
+def label_logits_step(params, frozen, batch, *, graphdef, mesh=None):
+    """A sequence classifier's label logits `[B, num_labels]` for one eval batch, dropout off."""
+    with sharding.use_mesh(mesh):
+        model = nnx.merge(graphdef, params, frozen)
+        return model.classify(batch["input_ids"], attention_mask=batch["attention_mask"], right_padded=True)
 
 
 def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int, dropout_key, mesh=None,
@@ -183,9 +202,11 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
 
     # QLoRA quantises each layer as it is read, so the float model never exists whole.
     on_param = quant.QuantSpec.from_config(config.peft).on_param if config.peft.method == "qlora" else None
+    head_labels = data.label_names if config.peft.task == "sequence_classification" else None
     model = hf.load_pretrained(config.model.path, mesh=mesh, dtype=DTYPES[config.model.dtype], on_param=on_param,
                                param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat,
-                               layer_loop=layer_loop(config.model.layer_loop), attention=config.model.attention)
+                               layer_loop=layer_loop(config.model.layer_loop), attention=config.model.attention,
+                               num_labels=len(head_labels or ()), seed=config.seed)
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
     stack.layout_for_loop(model)
     _log_step_choices(model.config, config)
@@ -248,8 +269,15 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                             model_flops_per_token=flop_count.model_6n)
     loss_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id,
                                  batch_sharding, eval_batch_size)
+    label_logits = None
+    if head_labels is not None:
+        logits_fn = jax.jit(functools.partial(label_logits_step, graphdef=eval_graphdef, mesh=mesh),
+                            in_shardings=(state_shardings["params"], frozen_shardings, batch_sharding),
+                            out_shardings=sharding.replicated(mesh))
+        label_logits = functools.partial(_label_logits, logits_fn, frozen, config, train_set.pad_id, batch_sharding,
+                                         eval_batch_size)
     answer_now = evaluate.answerer(config, eval_graphdef, frozen, eval_set, tokenizer, data.label_names,
-                                   eval_groups, train_set.pad_id, eval_batch_size, mesh, workdir)
+                                   eval_groups, train_set.pad_id, eval_batch_size, mesh, workdir, label_logits)
 
     def evaluate_now(step):
         return {**loss_now(state["params"]), **answer_now(step, state["params"])}
@@ -328,7 +356,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     if jax.process_count() > 1:  # process 0 writes the files: it needs every shard
         nnx.update(model, sharding.gather(nnx.state(model)))
     if jax.process_index() == 0:
-        export.export_run(model, method, tokenizer, config, workdir / "export")
+        export.export_run(model, method, tokenizer, config, workdir / "export", head_labels)
     return last
 
 
@@ -363,9 +391,10 @@ def _log_step_choices(model_config, config) -> None:
         window=max((w for w in windows if w is not None), default=None),
         has_segment_ids=config.data.packing and not prompts, has_kv_mask=prompts,
         has_dense_mask=prompts and config.data.packing)
-    log.info("Decoder blocks: %d, layer loop %s, remat %s; attention %s (%s); head + loss in chunks of %s positions",
-             model_config.num_layers, model_config.layer_loop, config.model.remat, backend, why,
-             config.model.loss_chunk or "whole-row")
+    head = (f"a {model_config.num_labels}-label head over each row's last token" if model_config.num_labels else
+            f"head + loss in chunks of {config.model.loss_chunk or 'whole-row'} positions")
+    log.info("Decoder blocks: %d, layer loop %s, remat %s; attention %s (%s); %s", model_config.num_layers,
+             model_config.layer_loop, config.model.remat, backend, why, head)
 
 
 def layer_loop(name: str, platform: str | None = None) -> str:
@@ -396,12 +425,24 @@ def _without_dropout(model):
     return model
 
 
-def _evaluate(eval_fn, frozen, eval_set, config, pad_id, batch_sharding, batch_size, params) -> dict:
-    """Loss and perplexity over the eval set; every process reads each batch and passes on its own rows."""
+def _global_eval_batches(examples, config, pad_id, batch_sharding, batch_size, max_batches=None):
+    """The eval batches of `examples` as global arrays: every process reads each batch and passes on its rows."""
     rows = sharding.process_rows(batch_sharding, batch_size)
-    batches = data_lib.eval_batches(eval_set, batch_size, config.train.seq_len, pad_id, config.eval.max_batches)
-    batches = (data_lib.to_global({k: v[rows] for k, v in b.items()}, batch_sharding, batch_size) for b in batches)
+    batches = data_lib.eval_batches(examples, batch_size, config.train.seq_len, pad_id, max_batches)
+    return (data_lib.to_global({k: v[rows] for k, v in b.items()}, batch_sharding, batch_size) for b in batches)
+
+
+def _evaluate(eval_fn, frozen, eval_set, config, pad_id, batch_sharding, batch_size, params) -> dict:
+    """Loss and perplexity over the eval set."""
+    batches = _global_eval_batches(eval_set, config, pad_id, batch_sharding, batch_size, config.eval.max_batches)
     return evaluate.loss_and_perplexity(functools.partial(eval_fn, params, frozen), batches)
+
+
+def _label_logits(logits_fn, frozen, config, pad_id, batch_sharding, batch_size, params, examples, n) -> np.ndarray:
+    """A classifier's label logits `[n, num_labels]` for the first `n` of `examples`."""
+    batches = _global_eval_batches(examples.subset(range(n)), config, pad_id, batch_sharding, batch_size)
+    logits = [logits_fn(params, frozen, batch) for batch in batches]  # dispatch all before reading any back
+    return np.concatenate(jax.device_get(logits))[:n]
 
 
 def _summarise(window: list[dict], throughput: Throughput, input_wait_seconds: float) -> dict:

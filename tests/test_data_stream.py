@@ -39,11 +39,11 @@ def test_a_pass_holds_the_same_examples_as_in_memory(tmp_path, tokenizer):
     stream = load(c, tokenizer).train
     c.data.streaming = False
     in_memory = load(c, tokenizer).train.examples
-    streamed = sorted(ids.tobytes() for ids, _ in stream.examples(epoch=0))
+    streamed = sorted(ids.tobytes() for ids, *_ in stream.examples(epoch=0))
     assert streamed == sorted(in_memory.get(i)[0].tobytes() for i in range(len(in_memory)))
-    order0 = [ids.tobytes() for ids, _ in stream.examples(epoch=0)]
-    assert order0 == [ids.tobytes() for ids, _ in stream.examples(epoch=0)]  # deterministic
-    assert order0 != [ids.tobytes() for ids, _ in stream.examples(epoch=1)]  # reshuffled per epoch
+    order0 = [ids.tobytes() for ids, *_ in stream.examples(epoch=0)]
+    assert order0 == [ids.tobytes() for ids, *_ in stream.examples(epoch=0)]  # deterministic
+    assert order0 != [ids.tobytes() for ids, *_ in stream.examples(epoch=1)]  # reshuffled per epoch
     assert stream.report()["rows_read"] == 12
 
 

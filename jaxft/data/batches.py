@@ -49,9 +49,10 @@ class TrainOrder:
 
 
 def pad_batch(examples, indices, seq_len: int, pad_id: int, batch_size: int | None = None) -> dict:
-    """A [batch, seq_len] batch, one example per row: input_ids, attention_mask, loss_mask.
+    """A [batch, seq_len] batch, one example per row: input_ids, attention_mask, loss_mask, and for labelled
+    examples (classification) their label ids, `labels` [batch].
 
-    Rows past `len(indices)` (a short final eval batch) are all padding and carry no loss.
+    Rows past `len(indices)` (a short final eval batch) are all padding and carry no loss (label -1).
     """
     batch_size = batch_size or len(indices)
     input_ids = np.full((batch_size, seq_len), pad_id, np.int32)
@@ -62,7 +63,11 @@ def pad_batch(examples, indices, seq_len: int, pad_id: int, batch_size: int | No
         input_ids[row, : len(ids)] = ids
         attention[row, : len(ids)] = 1
         loss_mask[row, : len(ids)] = mask
-    return dict(input_ids=input_ids, attention_mask=attention, loss_mask=loss_mask)
+    batch = dict(input_ids=input_ids, attention_mask=attention, loss_mask=loss_mask)
+    if getattr(examples, "labels", None) is not None:
+        batch["labels"] = np.full((batch_size,), -1, np.int32)
+        batch["labels"][: len(indices)] = examples.labels[np.asarray(indices, np.int64)]
+    return batch
 
 
 def eval_batches(examples, batch_size: int, seq_len: int, pad_id: int, max_batches=None):

@@ -85,10 +85,10 @@ def _batch_encoder(tokenizer):
 class Encoder:
     """Encodes batches of rows for one source, keeping the cleaning state (seen rows) and the report."""
 
-    def __init__(self, source: Source, fmt: str, tokenizer, cfg, seq_len: int, label_names=None):
+    def __init__(self, source: Source, fmt: str, tokenizer, cfg, seq_len: int, label_names=None, head=False):
         cfg = types.SimpleNamespace(**cfg.to_dict())  # read per row: plain attributes, not ConfigDict lookups
         self.source, self.tokenizer, self.cfg, self.seq_len = source, tokenizer, cfg, seq_len
-        self.render = make_renderer(fmt, cfg, tokenizer, label_names)
+        self.render = make_renderer(fmt, cfg, tokenizer, label_names, head)
         self.token_ids = _batch_encoder(tokenizer)
         add_bos = tokenizer_adds_bos(tokenizer) if cfg.add_bos is None else cfg.add_bos
         self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
@@ -138,7 +138,7 @@ class Encoder:
         for (_, trained), seg in zip(r.segments, segment_ids):
             ids += seg
             mask += [int(trained)] * len(seg)
-        if r.bos_eos and self.eos:
+        if r.bos_eos and self.eos and not r.head:  # a classifier reads the text as given at inference
             ids += self.eos
             mask += [int(r.segments[-1][1])]
         if mask:
@@ -155,7 +155,7 @@ class Encoder:
                 return self._drop("over_seq_len")
             ids, mask = ids[: self.seq_len], mask[: self.seq_len]
             self.truncated += 1
-        if not any(mask):
+        if not any(mask) and not r.head:
             return self._drop("no_target")  # e.g. the prompt filled train.seq_len
         self.tokens += len(ids)
         self.loss_tokens += sum(mask)

@@ -9,8 +9,9 @@ Each format renders a row into text segments, each marked trained or not:
   each up to and including the template's end-of-turn marker, so the model
   learns to stop;
 - `classification`: `data.classification_prompt` around the text, untrained,
-  then the label's name, trained; the label id rides along for sequence
-  classification heads.
+  then the label's name, trained. For a classification head
+  (`peft.task=sequence_classification`) the row is the text alone, as
+  `tokenizer(text)` gives it at inference, and its label id is the target.
 
 Segments are tokenised separately (encode.py), the way a prompt is tokenised
 alone at inference and the answer generated after it.
@@ -37,6 +38,7 @@ class Rendered:
     segments: list[tuple[str, bool]]  # (text, trained)
     label: int | None = None
     bos_eos: bool = True  # False where a chat template already places the special tokens
+    head: bool = False  # the label id is the target (a classification head), not any of the tokens
 
 
 def detect_format(columns, cfg) -> str:
@@ -58,8 +60,21 @@ def detect_format(columns, cfg) -> str:
         f"or '{cfg.text_field}'+'{cfg.label_field}' (rename them with data.*_field, or set data.format).")
 
 
-def make_renderer(fmt: str, cfg, tokenizer, label_names: list[str] | None = None):
-    """A function row -> Rendered for `fmt`; it raises RowError for a row it cannot use."""
+def classification_head(config, fmt: str) -> bool:
+    """Whether rows are encoded for a classification head (`peft.task=sequence_classification`); DataError when
+    the data has no labels to train one on."""
+    if config.peft.task != "sequence_classification":
+        return False
+    if fmt != "classification":
+        raise DataError(f"peft.task=sequence_classification trains a head on labels, but the data is in {fmt!r} "
+                        f"format; give rows with '{config.data.text_field}' and '{config.data.label_field}' "
+                        f"fields (data.format=classification).")
+    return True
+
+
+def make_renderer(fmt: str, cfg, tokenizer, label_names: list[str] | None = None, head: bool = False):
+    """A function row -> Rendered for `fmt`; it raises RowError for a row it cannot use. `head`: classification
+    rows for a classification head (their text alone, the label as the target)."""
     if fmt == "text":
         return lambda row: _render_text(row, cfg)
     if fmt == "prompt_completion":
@@ -69,7 +84,8 @@ def make_renderer(fmt: str, cfg, tokenizer, label_names: list[str] | None = None
         return lambda row: _render_messages(row, cfg, tokenizer, template)
     if fmt == "classification":
         label_ids = {name: i for i, name in enumerate(label_names)}
-        return lambda row: _render_classification(row, cfg, label_ids)
+        render = _render_classification_input if head else _render_classification
+        return lambda row: render(row, cfg, label_ids)
     raise DataError(f"data.format={fmt!r} is not one of {FORMATS}.")
 
 
@@ -102,7 +118,7 @@ def _render_prompt_completion(row, cfg) -> Rendered:
     return Rendered([(prompt, False), (_nonempty(completion, f"'{cfg.completion_field}'", cfg), True)])
 
 
-def _render_classification(row, cfg, label_ids) -> Rendered:
+def _text_and_label(row, cfg, label_ids) -> tuple[str, str]:
     text = _string(row, cfg.text_field)
     text = text.strip() if cfg.strip else text
     name = label_name(row.get(cfg.label_field))
@@ -110,8 +126,18 @@ def _render_classification(row, cfg, label_ids) -> Rendered:
         raise RowError("missing_field", f"missing field '{cfg.label_field}'")
     if name not in label_ids:
         raise RowError("unknown_label", f"label {name!r} is not in the label set {sorted(label_ids)}")
-    prompt = cfg.classification_prompt.format(text=_nonempty(text, f"'{cfg.text_field}'", cfg))
+    return _nonempty(text, f"'{cfg.text_field}'", cfg), name
+
+
+def _render_classification(row, cfg, label_ids) -> Rendered:
+    text, name = _text_and_label(row, cfg, label_ids)
+    prompt = cfg.classification_prompt.format(text=text)
     return Rendered([(prompt, False), (" " + name, True)], label=label_ids[name])
+
+
+def _render_classification_input(row, cfg, label_ids) -> Rendered:
+    text, name = _text_and_label(row, cfg, label_ids)
+    return Rendered([(text, False)], label=label_ids[name], head=True)
 
 
 def configured_labels(cfg) -> list[str] | None:

@@ -20,7 +20,7 @@ import numpy as np
 from jaxft.data import sources
 from jaxft.data.batches import TrainOrder, pad_batch
 from jaxft.data.encode import Encoder, Examples, encode_all
-from jaxft.data.formats import configured_labels, detect_format, label_name
+from jaxft.data.formats import classification_head, configured_labels, detect_format, label_name
 from jaxft.data.packing import fill_fraction, pack, packed_batch
 from jaxft.data.stream import StreamingTrainSet
 from jaxft.errors import DataError
@@ -80,13 +80,14 @@ def load(config, tokenizer, cache_dir=None) -> Data:
     train_parts = sources.load(train_source, split=cfg.train_split, hub_config=cfg.hub_config,
                                streaming=False)
     fmt = detect_format(train_parts[0].column_names, cfg)
+    head = classification_head(config, fmt)
     label_names = _label_names(cfg, train_parts) if fmt == "classification" else None
-    train = _encoded(train_source, train_parts, fmt, tokenizer, cfg, seq_len, label_names, cache_dir)
+    train = _encoded(train_source, train_parts, fmt, tokenizer, cfg, seq_len, label_names, cache_dir, head)
 
     if cfg.eval:
         eval_source = sources.resolve(cfg.eval)
         eval_parts = sources.load(eval_source, split=cfg.eval_split, hub_config=cfg.hub_config, streaming=False)
-        eval_set = _encoded(eval_source, eval_parts, fmt, tokenizer, cfg, seq_len, label_names, cache_dir)
+        eval_set = _encoded(eval_source, eval_parts, fmt, tokenizer, cfg, seq_len, label_names, cache_dir, head)
     elif cfg.eval_fraction > 0:
         train, eval_set = split_off_eval(train, cfg.eval_fraction, config.seed)
     else:
@@ -114,32 +115,32 @@ def _load_streaming(config, tokenizer, cache_dir) -> Data:
         eval_source = sources.resolve(cfg.eval)
         eval_parts = sources.load(eval_source, split=cfg.eval_split, hub_config=cfg.hub_config, streaming=False)
         eval_set = _encoded(eval_source, eval_parts, train.fmt, tokenizer, cfg, config.train.seq_len,
-                            train.label_names, cache_dir)
+                            train.label_names, cache_dir, train.head)
     report = dict(train=train.report(), eval=eval_set.report if eval_set is not None else None)
     return Data(train, eval_set, train.label_names, report)
 
 
-def _encoded(source, parts, fmt, tokenizer, cfg, seq_len, label_names, cache_dir) -> Examples:
-    """encode_all, through a cache keyed by the source's files, the data config and the tokenizer."""
+def _encoded(source, parts, fmt, tokenizer, cfg, seq_len, label_names, cache_dir, head=False) -> Examples:
+    """encode_all, through a cache keyed by the source's files, the data config, the task and the tokenizer."""
     path = None
     if cache_dir is not None and source.kind != "hub":
-        key = _cache_key(source, fmt, tokenizer, cfg, seq_len, label_names)
+        key = _cache_key(source, fmt, tokenizer, cfg, seq_len, label_names, head)
         path = pathlib.Path(cache_dir) / f"{key}.npz"
         if path.exists():
             cached = _read_cache(path)
             if cached is not None:
                 log.info("Tokenised %s read from cache %s", source.spec, path)
                 return cached
-    examples = encode_all(parts, Encoder(source, fmt, tokenizer, cfg, seq_len, label_names))
+    examples = encode_all(parts, Encoder(source, fmt, tokenizer, cfg, seq_len, label_names, head))
     if path is not None:
         _write_cache(path, examples)
     return examples
 
 
-def _cache_key(source, fmt, tokenizer, cfg, seq_len, label_names) -> str:
+def _cache_key(source, fmt, tokenizer, cfg, seq_len, label_names, head) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    parts = [CACHE_VERSION, source.stamp(), fmt, cfg.to_dict(), seq_len, label_names,
+    parts = [CACHE_VERSION, source.stamp(), fmt, cfg.to_dict(), seq_len, label_names, head,
              hashlib.sha256(vocab.encode()).hexdigest(), getattr(tokenizer, "chat_template", None),
              tokenizer.bos_token_id, tokenizer.eos_token_id]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

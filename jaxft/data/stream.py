@@ -20,19 +20,20 @@ import numpy as np
 from jaxft.data import sources
 from jaxft.data.batches import pad_batch
 from jaxft.data.encode import Encoder, row_batches
-from jaxft.data.formats import configured_labels
+from jaxft.data.formats import classification_head, configured_labels
 from jaxft.data.packing import packed_batch
 from jaxft.errors import DataError
 
 
 class _Examples:
-    """Just enough of `Examples` (`get`) for pad_batch and packed_batch over a list of (ids, mask)."""
+    """Just enough of `Examples` (`get`, `labels`) for pad_batch and packed_batch over a list of (ids, mask, label)."""
 
     def __init__(self, items):
         self.items = items
+        self.labels = np.array([item[2] for item in items], np.int32) if items and items[0][2] is not None else None
 
     def get(self, i):
-        return self.items[i]
+        return self.items[i][:2]
 
 
 class StreamingTrainSet:
@@ -50,13 +51,14 @@ class StreamingTrainSet:
                 raise DataError("Streaming classification data needs data.labels (the label set, comma-separated): "
                                 "it cannot be read off a stream before training.")
             self.label_names = configured_labels(cfg)
+        self.head = classification_head(config, self.fmt)
         self.encoder = None  # the current pass's, for the report
         self._encode_first_rows()
 
     def _encode_first_rows(self) -> None:
         """Encode the first rows now: bad data fails before training starts, and the tokenizer's
         thread pool starts before `tune_malloc` (jaxft/host.py says why that matters)."""
-        encoder = Encoder(self.source, self.fmt, self.tokenizer, self.cfg, self.seq_len, self.label_names)
+        encoder = Encoder(self.source, self.fmt, self.tokenizer, self.cfg, self.seq_len, self.label_names, self.head)
         first = next(row_batches(self._parts()[0], self.source, 0), [])
         encoder.encode_rows(first)
 
@@ -71,14 +73,15 @@ class StreamingTrainSet:
         return detect_format(first.keys(), self.cfg)
 
     def examples(self, epoch: int):
-        """One pass over the data, encoded and buffer-shuffled: (ids, mask) arrays."""
-        self.encoder = Encoder(self.source, self.fmt, self.tokenizer, self.cfg, self.seq_len, self.label_names)
+        """One pass over the data, encoded and buffer-shuffled: (ids, mask) arrays and the label id (or None)."""
+        self.encoder = Encoder(self.source, self.fmt, self.tokenizer, self.cfg, self.seq_len, self.label_names,
+                               self.head)
         rng = np.random.default_rng([self.seed, epoch])
         buffer = []
         for file_index, ds in enumerate(self._parts()):
             for rows in row_batches(ds, self.source, file_index):
-                for ids, mask, _, _ in self.encoder.encode_rows(rows):
-                    item = (np.asarray(ids, np.int32), np.asarray(mask, np.int32))
+                for ids, mask, label, _ in self.encoder.encode_rows(rows):
+                    item = (np.asarray(ids, np.int32), np.asarray(mask, np.int32), label)
                     if len(buffer) < self.cfg.shuffle_buffer:
                         buffer.append(item)
                         continue
@@ -147,6 +150,7 @@ class StreamingTrainSet:
 
     def fingerprint(self) -> str:
         """The source's files and the data settings: a stream cannot be hashed without reading it."""
-        stamp = json.dumps([self.source.stamp(), self.cfg.to_dict(), self.seq_len, self.batch_size, self.seed],
+        stamp = json.dumps([self.source.stamp(), self.cfg.to_dict(), self.seq_len, self.batch_size, self.seed,
+                            self.head],
                            sort_keys=True, default=str)
         return hashlib.blake2b(stamp.encode(), digest_size=16).hexdigest()

@@ -225,8 +225,9 @@ def _untie_if_head_differs(config, files, directory):
 
 
 def load_pretrained(path: str | os.PathLike, *, mesh=None,
-                    on_param: Callable[[nnx.Module, tuple], None] | None = None, **config_overrides) -> nnx.Module:
-    """Load a HF causal LM (config.json + safetensors) into the matching NNX model.
+                    on_param: Callable[[nnx.Module, tuple], None] | None = None, seed: int = 0,
+                    **config_overrides) -> nnx.Module:
+    """Load a HF causal LM or sequence classifier (config.json + safetensors) into the matching NNX model.
 
     `path` is a local directory, or a Hub repo id where the Hub is reachable.
     `config_overrides` go to the family config (e.g. `dtype=jnp.bfloat16,
@@ -239,6 +240,10 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
     replace the module holding it (QLoRA quantises each layer as it arrives:
     `peft.quant.QuantSpec.on_param`). Missing, unexpected or mis-shaped tensors
     raise ModelLoadError naming them.
+
+    `num_labels=N` (a config override) loads a sequence classifier: a language model's vocabulary head is
+    left unread and a new `score` head to N labels is drawn from `seed` (normal, std `initializer_range`, as
+    transformers initialises one); a classifier's checkpoint keeps its own head, which must have N labels.
     """
     directory = resolve_model_dir(path)
     hf_config = read_config(directory)
@@ -246,6 +251,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
     config = family.config_cls.from_hf(hf_config, **config_overrides)
     files = _weight_files(directory)
     in_file = {n for n in files if not _IGNORED_HF_TENSORS.search(n)}
+    new_head = _classifier_head(config, files, in_file, directory)
 
     tied = getattr(config, "tie_word_embeddings", False)
     if tied and "lm_head.weight" in in_file and "model.embed_tokens.weight" in in_file:
@@ -257,7 +263,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
     flat = dict(_param_items(model))  # the model's own Param objects: filling them fills the model
     names = hf_name_map(model)
 
-    missing = sorted(set(names) - in_file)
+    missing = sorted(set(names) - in_file - new_head)
     unexpected = sorted(in_file - set(names))
     if missing or unexpected:
         parts = []
@@ -272,7 +278,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
 
     shapes = _tensor_shapes(files)
     bad = []
-    for name, slot in names.items():
+    for name, slot in [(n, s) for n, s in names.items() if n not in new_head]:
         expected = tuple(flat[slot.path].get_value().shape)[0 if slot.layer is None else 1:]
         found = shapes[name][::-1] if slot.transpose else shapes[name]
         if found != expected:
@@ -284,14 +290,47 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
     by_param: dict[tuple, dict[int | None, str]] = {}
     for name, slot in names.items():
         by_param.setdefault(slot.path, {})[slot.layer] = name
+    std = float(hf_config.get("initializer_range", 0.02))
     with _TensorReader(files) as reader:
         for p in [p for p in flat if p in by_param]:  # the model's order
             var = flat.pop(p)  # the model holds it now; a layer `on_param` replaces frees its float weight
-            var.set_value(_load_param(reader, var, by_param[p], names, mesh))
+            if by_param[p].get(None) in new_head:
+                var.set_value(_drawn_param(var, mesh, seed, std))
+            else:
+                var.set_value(_load_param(reader, var, by_param[p], names, mesh))
             del var
             if on_param is not None:
                 on_param(model, p)
     return model
+
+
+def _classifier_head(config, files, in_file: set, directory) -> set[str]:
+    """For a sequence classifier (`config.num_labels`): drops a language model's vocabulary head from the
+    tensors to read (transformers does the same) and returns the head tensors to draw anew (none when the
+    checkpoint is a classifier already, whose head must have `num_labels` rows)."""
+    labels = getattr(config, "num_labels", 0)
+    if not labels:
+        if "score.weight" in in_file and "lm_head.weight" not in in_file:
+            raise ModelLoadError(f"{directory} is a sequence classifier (a score head, no vocabulary head), not a "
+                                 f"language model: train it as one (peft.task=sequence_classification).")
+        return set()
+    in_file.discard("lm_head.weight")
+    if "score.weight" not in in_file:
+        return {"score.weight"}
+    found = _tensor_shapes({"score.weight": files["score.weight"]})["score.weight"][0]
+    if found != labels:
+        raise ModelLoadError(f"{directory} is a sequence classifier with {found} labels, not {labels}; train "
+                             f"from its base language model for a new label set.")
+    return set()
+
+
+def _drawn_param(var: nnx.Variable, mesh, seed: int, std: float) -> jax.Array:
+    """A new parameter drawn from N(0, std) by `seed` (the same on every process), laid out like a loaded one."""
+    like = var.get_value()
+    values = (np.random.default_rng(seed).standard_normal(like.shape) * std).astype(like.dtype)
+    target = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else jax.sharding.NamedSharding(
+        mesh, sharding.spec_for(var.get_metadata().get("logical_axes"), tuple(like.shape), mesh)))
+    return jax.make_array_from_callback(tuple(like.shape), target, lambda index: values[index])
 
 
 class _TensorReader:

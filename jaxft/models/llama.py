@@ -428,14 +428,15 @@ class LlamaForCausalLM(nnx.Module):
             return {}
         return {"window": np.array([windows.index(cfg.layer_window(i)) for i in range(cfg.num_layers)])}
 
-    def classify(self, input_ids, *, attention_mask=None, positions=None):
+    def classify(self, input_ids, *, attention_mask=None, positions=None, right_padded: bool = False):
         """Float32 label logits `[B, num_labels]` of a sequence classifier: the `score` head over each row's
         last real token (the last 1 of `attention_mask`; the last position without one), as transformers'
-        *ForSequenceClassification pools the rightmost token that is not padding."""
+        *ForSequenceClassification pools the rightmost token that is not padding. Arguments as `hidden_states`."""
         if self.score is None:
             raise ConfigError("classify needs a sequence classifier (config.num_labels > 0); this is a language "
                               "model: use logits()")
-        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions)
+        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
+                                    right_padded=right_padded)
         b, t = input_ids.shape
         if attention_mask is None:
             last = jnp.full((b,), t - 1)

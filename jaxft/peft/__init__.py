@@ -42,6 +42,9 @@ def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> M
     each group can still run under one scan.
     """
     method = _apply(model, peft_cfg, rngs=rngs, tokenizer=tokenizer)
+    if getattr(model, "score", None) is not None:  # a classifier's new head trains whole (PEFT: modules_to_save)
+        method = dataclasses.replace(method, trainable=TrainableFilter(((r"score\..*", True),)
+                                                                       + method.trainable.rules))
     uniform_groups(model, method.trainable, method.start_step)
     return method
 

@@ -25,8 +25,9 @@ from jaxft.peft.select import TrainableFilter, path_str, set_module
 
 log = logging.getLogger("jaxft")
 
-# Module names never adapted by "all-linear", as in PEFT: the output head.
-_OUTPUT_LAYERS = ("lm_head",)
+# Module names never adapted by "all-linear", as in PEFT: the output head, and a classifier's head (which
+# trains whole, PEFT's modules_to_save).
+_OUTPUT_LAYERS = ("lm_head", "score")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 

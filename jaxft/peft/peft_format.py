@@ -7,6 +7,10 @@ The format (PEFT's `save_pretrained` for LoRA): tensors named
 and B as [r, out], so both are transposed. NNX module paths already read as HF
 module paths (the model mirrors HF names), so names map one to one; in stacked
 decoder blocks each layer's slice is a tensor of its own, under its layer's name.
+
+A sequence classifier's adapter (PEFT task_type SEQ_CLS) also holds the whole trained
+`score` head, `base_model.model.score.weight` [labels, hidden], which PEFT's
+`modules_to_save` (["classifier", "score"], its default for the task) loads.
 """
 
 import json
@@ -21,6 +25,7 @@ from jaxft.errors import AdapterError
 from jaxft.peft.lora import LoRAConfig, apply_lora, linear_modules, lora_layers, per_layer_modules
 
 _PREFIX = "base_model.model."
+_CLASSIFIER_HEADS = ["classifier", "score"]  # PEFT's modules_to_save for SEQ_CLS
 
 
 def lora_target_modules(wrapped: list[str], targets: str):
@@ -30,10 +35,11 @@ def lora_target_modules(wrapped: list[str], targets: str):
     return sorted({name.split(".")[-1] for name in wrapped})
 
 
-def lora_adapter_config(config: LoRAConfig, wrapped: list[str], base_model: str | None) -> dict:
+def lora_adapter_config(config: LoRAConfig, wrapped: list[str], base_model: str | None,
+                        classifier: bool = False) -> dict:
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": config.rank,
         "lora_alpha": config.alpha,
@@ -43,7 +49,7 @@ def lora_adapter_config(config: LoRAConfig, wrapped: list[str], base_model: str 
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": _CLASSIFIER_HEADS if classifier else None,
         "inference_mode": True,
         "use_dora": config.use_dora,
     }
@@ -63,6 +69,8 @@ def lora_tensors(model) -> dict[str, np.ndarray]:
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(layer_slice(module.lora_b, j).T)
         if module.lora_magnitude is not None:  # DoRA: one magnitude per output feature
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer_slice(module.lora_magnitude, j)
+    if getattr(model, "score", None) is not None:  # a classifier's head, trained whole
+        tensors[f"{_PREFIX}score.weight"] = np.ascontiguousarray(np.asarray(model.score.kernel[...], np.float32).T)
     return tensors
 
 
@@ -71,8 +79,9 @@ def save_lora_adapter(model, directory, config: LoRAConfig, wrapped: list[str], 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(lora_tensors(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    classifier = getattr(model, "score", None) is not None
     with (directory / "adapter_config.json").open("w") as f:
-        json.dump(lora_adapter_config(config, wrapped, base_model), f, indent=2)
+        json.dump(lora_adapter_config(config, wrapped, base_model, classifier), f, indent=2)
     return directory
 
 
@@ -91,6 +100,10 @@ def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
     saved = json.loads(config_path.read_text())
     if saved.get("peft_type") != "LORA":
         raise AdapterError(f"{config_path}: peft_type {saved.get('peft_type')!r}; only LORA adapters load here.")
+    if saved.get("task_type") == "SEQ_CLS":
+        raise AdapterError(f"{config_path}: a sequence classification adapter (task_type SEQ_CLS, with its own "
+                           f"label head); it loads in transformers' AutoModelForSequenceClassification + peft, "
+                           f"not as a language model's adapter.")
     if saved.get("rank_pattern") or saved.get("alpha_pattern"):
         raise AdapterError(f"{config_path}: per-module ranks or alphas (rank_pattern/alpha_pattern) are not "
                            f"supported; jaxft adapters have one rank and alpha.")

@@ -378,6 +378,10 @@ class QuantizedEmbed(nnx.Module):
 # Whole models
 
 
+# A classifier's head trains (in float) with every method, so it is never stored quantised.
+_TRAINED_HEADS = ("score",)
+
+
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     """True when the dotted `name` ends in one of `skip`, matched on whole path components."""
     return any(name == s or name.endswith("." + s) for s in skip)
@@ -413,7 +417,7 @@ class QuantSpec:
 
     def replacement(self, name: str, module) -> nnx.Module | None:
         """The quantised module to put at dotted path `name` in place of `module`, or None to keep it."""
-        if type(module) is Linear and not _skipped(name, self.skip):
+        if type(module) is Linear and not _skipped(name, self.skip + _TRAINED_HEADS):
             return QuantizedLinear.from_linear(module, kind=self.kind, block_size=self.block_size)
         if type(module) is Embed and self.embeddings:
             return QuantizedEmbed.from_embed(module, kind=self.kind, block_size=self.block_size)
