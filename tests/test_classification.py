@@ -171,3 +171,38 @@ def test_a_streamed_classification_set_carries_its_labels(topic_data):
     rows = _topic_rows("train", 32)[:8]  # a one-row buffer keeps the file's order
     assert list(batch["labels"]) == [LABELS.index(r["label"]) for r in rows]
     assert list(batch["input_ids"][0][:batch["attention_mask"][0].sum()]) == tokenizer(rows[0]["text"])["input_ids"]
+
+
+@pytest.mark.slow
+def test_a_head_trains_on_a_mesh_as_on_one_device(topic_data, tmp_path):
+    """fsdp=2 x tensor=2 over 4 fake devices (another process): the losses and the exported adapter and head of
+    the one-device run (SGD: module doc of tests/test_sharding.py says why)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    from tests.conftest import ROOT
+    settings = {"train.steps": 6, "eval.every_steps": 3, "optim.name": "sgd", "optim.momentum": 0.9,
+                "optim.lr": 0.05}
+    trainer.run(_config(topic_data, **settings), tmp_path / "one")
+    child = ("import json, pathlib, sys; from jaxft import trainer; from tests.test_classification import _config; "
+             "trainer.run(_config(pathlib.Path(sys.argv[1]), **json.loads(sys.argv[2])), sys.argv[3])")
+    meshed = {**settings, "mesh.fsdp": 2, "mesh.tensor": 2}
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", child, str(topic_data), json.dumps(meshed), str(tmp_path / "mesh")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def losses(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return np.array([r[k] for r in records for k in ("loss", "eval_loss") if k in r])
+    np.testing.assert_allclose(losses(tmp_path / "mesh"), losses(tmp_path / "one"), rtol=1e-5)
+    ours, theirs = (load_file(str(run / "export" / "adapter" / "adapter_model.safetensors"))
+                    for run in (tmp_path / "mesh", tmp_path / "one"))
+    assert ours.keys() == theirs.keys() and "base_model.model.score.weight" in ours
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+    logits = [np.array([a["logits"] for a in _final_answers(run)]) for run in (tmp_path / "mesh", tmp_path / "one")]
+    np.testing.assert_allclose(*logits, atol=1e-4)  # the head's eval labels, read from the mesh
