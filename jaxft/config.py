@@ -181,6 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(
         dict(
             every_steps=500,
+            every_seconds=0.0,  # also save when this long has passed since the last save (long steps); 0: off
             keep=3,
             async_save=True,
         )
@@ -266,6 +267,12 @@ def validate(config) -> None:
         raise ConfigError("data.train is not set: give a data file, glob or hub dataset id, "
                           "e.g. --config.data.train=train.jsonl.")
     _choice(config, "model.dtype", DTYPES)
+    if config.model.dtype == "float16":
+        # float16's range (max 65504, smallest normal 6e-5) needs loss scaling to train: gradients underflow to
+        # zero and activations overflow to Inf. bfloat16 has float32's range, on every accelerator jaxft targets.
+        raise ConfigError("model.dtype=float16 is not supported for training: without loss scaling its gradients "
+                          "underflow and activations overflow. Use model.dtype=bfloat16 (float32's range, the same "
+                          "memory), or float32. model.param_dtype=float16 (storage of the frozen weights) is fine.")
     _choice(config, "model.param_dtype", DTYPES)
     _choice(config, "model.remat", REMAT_POLICIES)
     _choice(config, "model.layer_loop", LAYER_LOOPS)
@@ -287,7 +294,8 @@ def validate(config) -> None:
         _positive(config, key)
     for key in ("optim.warmup_steps", "optim.weight_decay", "optim.clip_norm",
                 "optim.end_lr_ratio", "eval.every_steps", "data.eval_fraction", "peft.dropout",
-                "data.min_tokens", "data.prefetch", "eval.early_stopping_patience", "eval.early_stopping_min_delta"):
+                "data.min_tokens", "data.prefetch", "eval.early_stopping_patience", "eval.early_stopping_min_delta",
+                "checkpoint.every_seconds"):
         _positive(config, key, allow_zero=True)
     _validate_early_stopping(config)
     _validate_task_metrics(config)
@@ -333,7 +341,8 @@ def _validate_task_metrics(config) -> None:
     known = ["loss", "perplexity", *task_metrics.score_keys(names)]
     if best not in known and not (best.startswith("f1_") and "f1" in names):  # f1_<label>: labels come with data
         raise ConfigError(f"eval.best_metric={best!r} is not something the evaluation reports; with "
-                          f"eval.metrics={config.eval.metrics!r} it reports {', '.join(known)}.")
+                          f"eval.metrics={config.eval.metrics!r} it reports {', '.join(known)}; choose one of these, "
+                          f"or add the metric to eval.metrics.")
     if config.eval.group_field and not names:
         raise ConfigError(f"eval.group_field={config.eval.group_field!r} reports the eval.metrics scores per group: "
                           "set eval.metrics too (e.g. exact_match, or accuracy,f1 for classification).")
@@ -373,7 +382,8 @@ def _validate_peft(config) -> None:
                           "the virtual tokens.")
     if config.export.merged and peft.method not in ("lora", "qlora"):
         raise ConfigError(f"export.merged folds a LoRA update into the base weights; peft.method={peft.method!r} "
-                          f"has nothing to merge (full, partial and bitfit runs export the whole model anyway).")
+                          f"has nothing to merge (full, partial and bitfit runs export the whole model anyway). "
+                          f"Set export.merged=False.")
     if peft.quant_embeddings and peft.method != "qlora":
         raise ConfigError(f"peft.quant_embeddings stores a QLoRA base's embeddings and head quantised; it needs "
                           f"peft.method='qlora', not {peft.method!r}.")

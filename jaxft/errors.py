@@ -32,3 +32,7 @@ class CheckpointError(JaxftError, RuntimeError):
 
 class TrainingDivergedError(JaxftError, RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class WorkdirInUseError(JaxftError, RuntimeError):
+    """Another run holds the workdir's lock."""

@@ -19,15 +19,27 @@ log = logging.getLogger("jaxft")
 
 
 class MetricWriter:
-    """Appends one JSON object per call to `<workdir>/metrics.jsonl` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per call to `<workdir>/metrics.jsonl` and mirrors scalars to TensorBoard.
 
-    def __init__(self, workdir):
+    `keep_through`: the step a resumed run restarts from. Rows an earlier attempt logged after it (it went
+    on past its last checkpoint, then was killed) are dropped from metrics.jsonl, and TensorBoard is told to
+    drop its events past it too (a purge step), so the resumed run logs each step once. None: a fresh start,
+    which drops everything an attempt without any checkpoint left.
+    """
+
+    def __init__(self, workdir, keep_through: int | None = None):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         workdir = pathlib.Path(workdir)
-        self._jsonl = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        path = workdir / "metrics.jsonl"
+        dropped = _truncate_after(path, -1 if keep_through is None else keep_through)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d rows an earlier attempt logged after step %s, where this run "
+                     "continues", dropped, keep_through)
+        self._jsonl = path.open("a", encoding="utf-8")
+        purge_from = 0 if keep_through is None else keep_through + 1
+        self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge_from)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -44,6 +56,27 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _truncate_after(path: pathlib.Path, step: int) -> int:
+    """Keep the rows of `path` up to `step` (and no torn last line of a killed writer); returns how many went."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        if row_step is not None and row_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
 
 
 def _plain(value):

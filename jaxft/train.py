@@ -5,10 +5,13 @@
         --config.data.train=train.jsonl --config.optim.lr=2e-4 --workdir runs/x
 
 The config is locked: `--config.optim.lrr=1` fails before any work, naming the
-nearest valid key. User errors print one clear line and exit with status 2.
+nearest valid key. User errors print one clear line and exit with status 2. SIGTERM or
+SIGINT saves a checkpoint at the next step boundary and exits with status 75
+(EX_TEMPFAIL: run the same command again to resume).
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -16,6 +19,7 @@ from ml_collections import config_flags
 from jaxft.cli import fail, parse_flags
 from jaxft.config import check_known_keys
 from jaxft.errors import JaxftError
+from jaxft.preemption import EXIT_PREEMPTED, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py.",
                                           lock_config=True)
@@ -32,6 +36,9 @@ def main(argv):
     try:
         check_known_keys(_CONFIG.value)
         trainer.run(_CONFIG.value, _WORKDIR.value, tune_host=True)
+    except Preempted as e:  # not an error: the job is asked to stop, and resumes when started again
+        print(f"jaxft: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except JaxftError as e:
         fail(f"{type(e).__name__}: {e}")
 

@@ -16,9 +16,11 @@
 """
 
 import collections
+import contextlib
 import functools
 import json
 import logging
+import os
 import pathlib
 
 import jax
@@ -41,7 +43,9 @@ from jaxft.optim import build_optimizer, learning_rate_schedule
 from jaxft.peft import quant
 from jaxft.peft.lora import with_dropout_keys
 from jaxft.peft.select import format_parameter_table, parameter_table, split_model
+from jaxft.preemption import Preempted, StopSignal
 from jaxft.stopping import EarlyStopping
+from jaxft.workdir_lock import WorkdirLock
 
 log = logging.getLogger("jaxft")
 
@@ -58,7 +62,7 @@ def loss_sums(model, batch, loss_chunk: int = 0):
     `loss_chunk` > 0: the head and the loss run over chunks of that many positions, so the
     `[B, T, vocab]` logits never exist whole (jaxft/losses.py); 0: one chunk of the whole row.
     """
-    if model.config.num_labels:
+    if getattr(model, "score", None) is not None:  # a sequence classifier
         return label_loss_sums(model, batch)
     # Packed rows carry segment ids and restarting positions (jaxft/data/packing.py); padding
     # only ever ends a row (jaxft/data/batches.py).
@@ -167,12 +171,36 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     """Train as `config` says, in `workdir`; resume if it holds a checkpoint. Returns the last metrics.
 
     `tune_host` applies `jaxft.host.tune_malloc` between tokenising and starting JAX (the CLI sets it).
+    Only one run at a time uses a workdir (jaxft/workdir_lock.py; process 0 holds the lock).
     """
-    # 1. Data (before JAX starts: see tune_host) ----------------------------------
     validate(config)
     sharding.initialize_distributed()  # a multi-host job: join the other processes first
+    workdir = make_workdir(workdir)
+    # Not jax.process_index() alone: on one process it would start JAX before tune_host's moment.
+    first = not jax.distributed.is_initialized() or jax.process_index() == 0
+    with WorkdirLock(workdir) if first else contextlib.nullcontext(), \
+            StopSignal(config.checkpoint.every_seconds) as signals:  # SIGTERM/SIGINT: stop at a step boundary
+        return _run(config, workdir, tune_host, signals)
+
+
+def make_workdir(workdir) -> pathlib.Path:
+    """The workdir, created if needed; ConfigError if it cannot be (a file in the way, no permission)."""
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except FileExistsError:
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory path.") from None
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} cannot be written ({e.strerror}); give a directory this user can "
+                          f"write, or fix its permissions.") from None
+    return workdir
+
+
+def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) -> dict:
+    # 1. Data (before JAX starts: see tune_host) ----------------------------------
     seq_len, batch_size = config.train.seq_len, config.train.batch_size
     tokenizer = hf.load_tokenizer(config.model.path)
     data = data_lib.load(config, tokenizer, cache_dir=workdir / "data_cache" if config.data.cache else None)
@@ -197,6 +225,8 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                                                       label_to_id={n: i for i, n in enumerate(data.label_names)}))
     log.info("Data report (also in data_report.json): %s", json.dumps(data.report))
     eval_groups = evaluate.check_requests(config, data)
+    if signals.poll()[0]:  # asked to stop while the data was read: nothing to save yet
+        raise Preempted(signals.received, 0)
     log.info("%d steps of %d rows x %d tokens (%s steps per epoch)", total_steps, batch_size, seq_len,
              order.steps_per_epoch if order else "streaming: unknown")
 
@@ -255,7 +285,10 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
         log.info("Resumed from %s at step %d (data position %s)", checkpoints.directory, int(state["step"]),
                  meta.get("data_position"))
     start_step = int(state["step"])
-    position = order.position(start_step) if order else None  # where the next batch is read
+    resumed = checkpoints.latest_step() is not None
+    # The data position after each step, as the batches report it (a stream's depends on the data): a
+    # checkpoint of step N saves positions[N], never a loop variable that may already be one step ahead.
+    positions = {start_step: order.position(start_step) if order else meta.get("data_position") if resumed else None}
     stop_step = start_step if stopper.should_stop else total_steps
     if stopper.should_stop:
         log.info("This run stopped early at step %d; exporting without training further.", stopper.stopped_at)
@@ -263,7 +296,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                                   subdir="best") if config.eval.keep_best else None)
 
     # 5. Loop -------------------------------------------------------------------
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, keep_through=start_step if resumed else None)
     progress = Progress(total_steps, start_step, config.train.progress_bar)
     throughput = Throughput(flops_per_token=flop_count.computed, num_devices=jax.device_count(), peak_flops=peak,
                             model_flops_per_token=flop_count.model_6n)
@@ -285,9 +318,10 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
 
     def save(step):
         _check_finite(state)
-        checkpoints.save(step, state, dict(step=step, data_position=position, rows_seen=step * batch_size,
+        checkpoints.save(step, state, dict(step=step, data_position=positions[step], rows_seen=step * batch_size,
                                            data_fingerprint=data_fingerprint, fingerprint=fingerprint,
                                            early_stopping=stopper.to_meta()))
+        signals.saved()
         if jax.process_index() == 0 and order is None:  # a stream's report grows as it is read
             _write_json(workdir / "data_report.json", dict(data.report, train=train_set.report()))
 
@@ -304,20 +338,22 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                      "%d evaluations.", step, best_key, "fallen" if best_mode == "min" else "risen",
                      stopper.min_delta, stopper.best_value, stopper.best_step, stopper.patience)
 
-    if start_step == 0 and eval_set is not None:
-        last = evaluate_now(0)
-        writer.write(0, last)
-        log.info("step 0: %s", _fmt(last))
-        judge(0, last)
-
     window = []
     part = sharding.process_rows(batch_sharding, batch_size)  # the rows of each batch this process builds
     batches = data_lib.Prefetcher(train_set.batches(start_step, stop_step, part), config.data.prefetch)
     try:
+        if start_step == 0 and eval_set is not None:
+            last = evaluate_now(0)
+            writer.write(0, last)
+            log.info("step 0: %s", _fmt(last))
+            judge(0, last)
+        if signals.poll()[0]:  # before any step: nothing new to save
+            raise Preempted(signals.received, start_step, checkpoints.directory if resumed else None)
         for step, batch, position in batches:
             state, metrics = step_fn(state, frozen, data_lib.to_global(batch, batch_sharding, batch_size))
             window.append(metrics)
             done = step + 1
+            positions[done] = position
             progress.update(done, last)
             if done % config.train.log_every_steps == 0 or done == total_steps:
                 last = _summarise(window, throughput, batches.wait_seconds)
@@ -330,13 +366,16 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
                 writer.write(done, {k: last[k] for k in last if k.startswith("eval_")})
                 log.info("step %d: %s", done, _fmt(last))
                 judge(done, last)
-            if checkpoints.due(done) or done == total_steps or stopper.should_stop:
+            stop, timed = signals.poll()
+            if checkpoints.due(done) or done == total_steps or stopper.should_stop or stop or timed:
                 save(done)
+            if stop:
+                raise Preempted(signals.received, done, checkpoints.directory)
             if stopper.should_stop:
                 break
     except KeyboardInterrupt:
-        log.warning("Interrupted: saving a checkpoint at step %d to resume from.", int(state["step"]))
-        save(int(state["step"]))
+        log.warning("Stopped at once; the last checkpoint in %s is where the same command resumes.",
+                    checkpoints.directory)
         raise
     finally:
         batches.close()

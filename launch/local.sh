@@ -70,6 +70,7 @@ echo "local.sh: $num processes x $devices CPU devices, coordinator 127.0.0.1:$po
 # Poll instead of `wait -n -p` (bash >= 5.1) so this runs on older bash too; bash reaps exited
 # children in the background, so `kill -0` fails once one has exited and `wait` returns its status.
 left=$num
+final_status=0
 while ((left > 0)); do
   for i in "${!pids[@]}"; do
     if [[ -z ${pids[i]} ]] || kill -0 "${pids[i]}" 2>/dev/null; then continue; fi
@@ -77,6 +78,13 @@ while ((left > 0)); do
     wait "${pids[i]}" || status=$?
     pids[i]=""
     left=$((left - 1))
+    if ((status == 75)); then
+      # Preempted (jaxft's EX_TEMPFAIL): every process agreed on the step and is saving it; a signal
+      # now would cut the others' saves short, so let them finish.
+      echo "local.sh: process $i stopped on a signal after saving a checkpoint; the same command resumes." >&2
+      final_status=75
+      continue
+    fi
     if ((status != 0)); then
       stop_all
       echo "local.sh: process $i failed (exit status $status); the others were stopped." >&2
@@ -87,3 +95,4 @@ while ((left > 0)); do
   done
   sleep 0.2
 done
+exit "$final_status"

@@ -36,6 +36,8 @@ def test_issue_keys_exist():
     ("train.batch_size", 0, "train.batch_size=0"),
     ("data.eval_fraction", 1.5, "data.eval_fraction"),
     ("model.dtype", "float8", "model.dtype"),
+    ("model.dtype", "float16", "Use model.dtype=bfloat16"),
+    ("checkpoint.every_seconds", -1.0, "checkpoint.every_seconds=-1.0 must be >= 0"),
     ("peft.quant_embeddings", True, "peft.quant_embeddings stores a QLoRA base's"),  # with method=lora
 ])
 def test_bad_values_name_the_key(key, value, fragment):
