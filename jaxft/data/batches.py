@@ -29,7 +29,8 @@ class TrainOrder:
     def __init__(self, num_units: int, batch_size: int, seed: int):
         if num_units < batch_size:
             raise DataError(f"The training set has {num_units} usable rows, fewer than "
-                            f"train.batch_size={batch_size}.")
+                            f"train.batch_size={batch_size}; lower train.batch_size or give more rows (the data "
+                            f"report counts the rows cleaning dropped).")
         self.num_units, self.batch_size, self.seed = num_units, batch_size, seed
         self.steps_per_epoch = num_units // batch_size
 

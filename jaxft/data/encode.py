@@ -192,7 +192,9 @@ def encode_all(parts, encoder: Encoder) -> Examples:
                 labels.append(label)
                 origins.append(origin)
     if not ids:
-        raise DataError(f"No usable rows in {encoder.source.spec}: " + json.dumps(encoder.report(0)))
+        raise DataError(f"No usable rows in {encoder.source.spec}: cleaning dropped or skipped every row (the "
+                        f"report below counts them by reason); fix the data or relax the data.* cleaning settings "
+                        f"(min_tokens, max_tokens, too_long, drop_empty). " + json.dumps(encoder.report(0)))
     lengths = np.array([len(x) for x in ids], np.int64)
     total = int(lengths.sum())
     return Examples(

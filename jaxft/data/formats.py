@@ -125,7 +125,8 @@ def _text_and_label(row, cfg, label_ids) -> tuple[str, str]:
     if name is None:
         raise RowError("missing_field", f"missing field '{cfg.label_field}'")
     if name not in label_ids:
-        raise RowError("unknown_label", f"label {name!r} is not in the label set {sorted(label_ids)}")
+        raise RowError("unknown_label", f"label {name!r} is not in the label set {sorted(label_ids)}; add it to "
+                                        f"data.labels or fix the row")
     return _nonempty(text, f"'{cfg.text_field}'", cfg), name
 
 
@@ -162,7 +163,8 @@ def chat_template(cfg, tokenizer) -> str:
             return given
         path = pathlib.Path(given)
         if not path.is_file():
-            raise DataError(f"data.chat_template={given!r} is neither a Jinja template nor an existing file.")
+            raise DataError(f"data.chat_template={given!r} is neither a Jinja template nor an existing file; give "
+                            f"the template text itself or the path of a file holding it.")
         return path.read_text()
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("The data is in 'messages' format but the tokenizer has no chat template; set "

@@ -23,7 +23,7 @@ from jaxft.data.encode import Encoder, Examples, encode_all
 from jaxft.data.formats import classification_head, configured_labels, detect_format, label_name
 from jaxft.data.packing import fill_fraction, pack, packed_batch
 from jaxft.data.stream import StreamingTrainSet
-from jaxft.errors import DataError
+from jaxft.errors import ConfigError, DataError
 
 log = logging.getLogger("jaxft")
 CACHE_VERSION = 1  # bump when encoding changes what it produces
@@ -147,6 +147,14 @@ def _cache_key(source, fmt, tokenizer, cfg, seq_len, label_names, head) -> str:
 
 
 def _write_cache(path: pathlib.Path, ex: Examples) -> None:
+    try:
+        _write_cache_file(path, ex)
+    except OSError as e:  # a file where the cache directory belongs, no permission, a full disk
+        raise ConfigError(f"The data cache {path.parent} cannot be written ({e.strerror or e}); make it a writable "
+                          f"directory (move aside a file of that name), or set data.cache=False.") from None
+
+
+def _write_cache_file(path: pathlib.Path, ex: Examples) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own per writer: the processes of a multi-host job share the workdir and write the
     # same cache at once; with one shared temporary name one's rename took the other's file away.
@@ -177,7 +185,8 @@ def _label_names(cfg, parts) -> list[str]:
     found = {label_name(v) for part in parts if cfg.label_field in part.column_names
              for v in part.unique(cfg.label_field)} - {None}
     if not found:
-        raise DataError(f"No labels found in field '{cfg.label_field}' of {cfg.train}.")
+        raise DataError(f"No labels found in field '{cfg.label_field}' of {cfg.train}; set data.label_field to the "
+                        f"column that holds them.")
     return sorted(found)
 
 
@@ -185,7 +194,8 @@ def split_off_eval(examples: Examples, fraction: float, seed: int) -> tuple[Exam
     """(train, eval): a held-out fraction of the examples, chosen by a fixed seed."""
     n_eval = max(1, int(len(examples) * fraction))
     if n_eval >= len(examples):
-        raise DataError(f"data.eval_fraction={fraction} leaves no training examples out of {len(examples)}.")
+        raise DataError(f"data.eval_fraction={fraction} leaves no training examples out of {len(examples)}; lower "
+                        f"data.eval_fraction, or give a separate eval set in data.eval.")
     perm = np.random.default_rng([seed, 2**31 - 1]).permutation(len(examples))
     train, held = examples.subset(np.sort(perm[n_eval:])), examples.subset(np.sort(perm[:n_eval]))
     train.report = dict(train.report, rows_kept=len(train), held_out_for_eval=len(held))

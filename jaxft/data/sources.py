@@ -63,7 +63,8 @@ def resolve(spec: str) -> Source:
     if glob.has_magic(spec):
         files = sorted(glob.glob(spec, recursive=True))
         if not files:
-            raise DataError(f"The pattern {spec!r} matches no files.")
+            raise DataError(f"The pattern {spec!r} matches no files; check the directory and the file "
+                            f"extension in data.train / data.eval.")
         kinds = {_builder(f) for f in files}
         if len(kinds) > 1:
             raise DataError(f"The pattern {spec!r} matches files of different types ({sorted(kinds)}); "
@@ -71,7 +72,8 @@ def resolve(spec: str) -> Source:
         return Source(spec, kinds.pop(), tuple(files))
     if _HUB_ID.match(spec) and path.suffix.lower() not in BUILDERS:
         return Source(spec, "hub")
-    raise DataError(f"Data file {spec!r} does not exist (and is not a hub dataset id).")
+    raise DataError(f"Data file {spec!r} does not exist (and is not a hub dataset id); check the path in "
+                    f"data.train / data.eval: a file, a glob, a save_to_disk directory or a hub id.")
 
 
 def _builder(path: str) -> str:
@@ -100,7 +102,8 @@ def load(source: Source, *, split: str, hub_config: str | None, streaming: bool)
     parts = []
     for path in source.files:
         if os.path.getsize(path) == 0:
-            raise DataError(f"Data file {path!r} is empty.")
+            raise DataError(f"Data file {path!r} is empty; give a file with at least one row (or leave it out "
+                            f"of the glob).")
         parts.append(_nonempty(_load_file(source.kind, path, streaming), path))
     return parts
 
@@ -122,7 +125,7 @@ def _load_hub(source: Source, split: str, hub_config: str | None, streaming: boo
 
 def _nonempty(ds, where: str):
     if not isinstance(ds, datasets.IterableDataset) and len(ds) == 0:
-        raise DataError(f"Data source {where!r} has no rows.")
+        raise DataError(f"Data source {where!r} has no rows; give data with at least one row.")
     return ds
 
 
@@ -146,7 +149,8 @@ def unreadable(source: Source, file_index: int, error: Exception) -> DataError:
             _check_utf8_lines(path)
         if source.kind == "json":
             diagnose_json_lines(path)
-        return DataError(f"{path}: cannot be read as {source.kind} ({type(error).__name__}: {_cause(error)}).")
+        return DataError(f"{path}: cannot be read as {source.kind} ({type(error).__name__}: {_cause(error)}); check "
+                         f"that it is a valid {source.kind} file, or give it the extension of its real type.")
     return DataError(f"{source.spec}: cannot be read ({type(error).__name__}: {_cause(error)}).")
 
 
@@ -156,7 +160,11 @@ def _check_utf8_lines(path: str) -> None:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start}).") from e
+                raise _not_utf8(path, line_no, e) from e
+
+
+def _not_utf8(path: str, line_no: int, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start}); re-save the file as UTF-8.")
 
 
 def diagnose_json_lines(path: str) -> None:
@@ -174,15 +182,17 @@ def diagnose_json_lines(path: str) -> None:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start}).") from e
+                raise _not_utf8(path, line_no, e) from e
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno}).") from e
+                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno}); fix or delete that "
+                                f"line (a .jsonl file holds one JSON object per line).") from e
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: a row must be a JSON object, got {type(row).__name__}.")
+                raise DataError(f"{path}:{line_no}: a row must be a JSON object, got {type(row).__name__}; write each "
+                                f"line as {{\"field\": value, ...}}.")
             rows += 1
             for key, value in row.items():
                 kind = _json_type(value)
@@ -193,7 +203,7 @@ def diagnose_json_lines(path: str) -> None:
                     raise DataError(f"{path}:{line_no}: field '{key}' is {kind} here but {first[0]} at line "
                                     f"{first[1]}; a field must have one type in every row.")
     if rows == 0:
-        raise DataError(f"Data file {path!r} has no rows.")
+        raise DataError(f"Data file {path!r} has no rows; give a file with at least one JSON object per line.")
 
 
 def _json_type(value) -> str:

@@ -127,7 +127,7 @@ class StreamingTrainSet:
                     return
             if units_in_epoch < self.batch_size:
                 raise DataError(f"The training stream has {units_in_epoch} usable rows, fewer than "
-                                f"train.batch_size={self.batch_size}.")
+                                f"train.batch_size={self.batch_size}; lower train.batch_size or give more rows.")
             epoch += 1  # the partial last batch of a pass is dropped, as in-memory
 
     def _batch(self, units) -> dict:

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxft.errors import ConfigError
+
 KERNELS = ("auto", "pallas", "xla")
 
 # Backends where bench/lora_kernel.py measured the fused kernel faster than XLA on training shapes.
@@ -68,7 +70,7 @@ def lora_matmul_reference(x, w, a, b, scale: float, w_scale=None):
 def use_pallas(kernel: str, platform: str | None = None) -> bool:
     """Whether `kernel` ("auto" | "pallas" | "xla") runs the Pallas kernel on `platform` (default: JAX's)."""
     if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}; choose one of {KERNELS}")
+        raise ConfigError(f"kernel={kernel!r} is not a LoRA kernel; choose one of {KERNELS}")
     return kernel == "pallas" or (kernel == "auto" and (platform or jax.default_backend()) in PALLAS_WINS)
 
 
@@ -253,11 +255,13 @@ class _Tiling:
     @classmethod
     def choose(cls, m, n, k, r, blocks: Blocks, tpu: bool):
         if tpu:  # Mosaic: a block's last two dims are multiples of (8, 128), or the whole padded array
-            _check_blocks(blocks, lambda v, lane: v % (128 if lane else 8) == 0, "multiples of 8 (m) and 128 (n, k)")
+            _check_blocks(blocks, lambda v, lane: v > 0 and v % (128 if lane else 8) == 0,
+                          "positive multiples of 8 (m) and 128 (n, k)")
             bm, r = min(blocks.m, _round_up(m, 8)), _round_up(max(r, _MIN_DOT), 8)
             bn, bk = min(blocks.n, _round_up(n, 128)), min(blocks.k, _round_up(k, 128))
         else:  # Triton: every loaded array a power of two in each dimension, and dots at least 16 wide
             _check_blocks(blocks, lambda v, lane: v >= _MIN_DOT and v & (v - 1) == 0, "powers of two >= 16")
+            _check_triton_options(blocks)
             bm, r = min(blocks.m, _next_pow2(m, _MIN_DOT)), _next_pow2(r, _MIN_DOT)
             bn, bk = min(blocks.n, _next_pow2(n, _MIN_DOT)), min(blocks.k, _next_pow2(k, _MIN_DOT))
         return cls(_round_up(m, bm), bm, _round_up(n, bn), bn, _round_up(k, bk), bk, r)
@@ -265,7 +269,15 @@ class _Tiling:
 
 def _check_blocks(blocks: Blocks, ok, rule: str):
     if not all(ok(v, lane) for v, lane in ((blocks.m, False), (blocks.n, True), (blocks.k, True))):
-        raise ValueError(f"{blocks} do not fit this backend: block sizes must be {rule}")
+        raise ConfigError(f"{blocks} do not fit this backend: block sizes must be {rule}; choose Blocks(m, n, k) "
+                          f"that are.")
+
+
+def _check_triton_options(blocks: Blocks):
+    """Triton runs a power-of-two number of warps per program and at least one pipeline stage."""
+    if blocks.warps < 1 or blocks.warps & (blocks.warps - 1) or blocks.stages < 1:
+        raise ConfigError(f"{blocks}: Triton needs warps a power of two (1, 2, 4, 8, ...) and stages >= 1; choose "
+                          f"Blocks(warps=..., stages=...) that are.")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -377,7 +389,7 @@ def _compiler_params(platform: str, vmem_bytes: int, blocks: Blocks = Blocks()):
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
         if vmem_bytes > _VMEM_MAX:
-            raise ValueError(f"The LoRA kernel's blocks need {vmem_bytes / 2**20:.0f} MiB of VMEM, more than a "
+            raise ConfigError(f"The LoRA kernel's blocks need {vmem_bytes / 2**20:.0f} MiB of VMEM, more than a "
                              f"TPU core has ({_VMEM_MAX >> 20} MiB): choose smaller Blocks.")
         # Columns "arbitrary": every column tile rewrites the same rows of xa (and the first one writes dB's
         # partial sums), so they must not be split over the two TensorCores of a chip; rows are independent;

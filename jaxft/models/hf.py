@@ -59,16 +59,18 @@ def read_config(path: str | os.PathLike) -> dict:
     """The `config.json` of a local model directory, checked for a supported `model_type`."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
-        raise ModelLoadError(f"no config.json in {str(path)!r}; expected a Hugging Face model directory")
+        raise ModelLoadError(f"no config.json in {str(path)!r}; expected a Hugging Face model directory: point "
+                             f"model.path at the directory `save_pretrained` wrote (config.json + *.safetensors)")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from None
-    model_type = config.get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_path} is not valid JSON ({e}); restore it from the model's original "
+                             f"files") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in FAMILIES:
         raise ModelLoadError(
             f"{config_path}: model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(FAMILIES))}"
+            f"supported: {', '.join(sorted(FAMILIES))} (use a checkpoint of one of these architectures)"
         )
     return config
 
@@ -138,8 +140,12 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if os.path.isdir(path):
         return Path(path)
     path = str(path)
+    if os.path.exists(path):
+        raise ModelLoadError(f"model path {path!r} is a file, not a directory; set model.path to the directory "
+                             f"that holds config.json and the weights")
     if _looks_like_local_path(path):
-        raise ModelLoadError(f"model directory {path!r} does not exist")
+        raise ModelLoadError(f"model directory {path!r} does not exist; set model.path to a local Hugging Face "
+                             f"model directory or a hub id ('org/name')")
     try:
         from huggingface_hub import snapshot_download
 
@@ -160,15 +166,20 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     single = directory / _SINGLE_FILE
     index = directory / _INDEX_FILE
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
+        with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (ValueError, AttributeError) as e:  # not JSON, or JSON but not an object
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({e}); restore it from the model's "
+                                 f"original files") from None
         if not isinstance(weight_map, dict):
-            raise ModelLoadError(f"{index} has no 'weight_map'")
+            raise ModelLoadError(f"{index} has no 'weight_map'; restore it from the model's original files")
         missing_files = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
         if missing_files:
-            raise ModelLoadError(f"{index} names shard(s) missing from {directory}: {missing_files}")
+            raise ModelLoadError(f"{index} names shard(s) missing from {directory}: {missing_files}; copy or "
+                                 f"download the missing shards into that directory")
         return {name: directory / file for name, file in weight_map.items()}
     found = sorted(p.name for p in directory.iterdir())
     raise ModelLoadError(
@@ -176,6 +187,19 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         "only safetensors checkpoints are read (convert .bin files with transformers' "
         "save_pretrained(..., safe_serialization=True))"
     )
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """`safe_open(file)`, with a file that is not a whole safetensors file (truncated, corrupt, another format
+    under that name) as a ModelLoadError naming it."""
+    try:
+        handle = safe_open(file, framework="numpy")
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise ModelLoadError(f"{file} cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+                             f"corrupt or incomplete: download or save it again") from None
+    with handle as f:
+        yield f
 
 
 def _read_tensors(files: Mapping[str, Path], names):
@@ -197,7 +221,7 @@ def _tensor_shapes(files: Mapping[str, Path]) -> dict[str, tuple]:
     """Shapes from the safetensors headers, without reading data."""
     shapes = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
@@ -274,6 +298,8 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
         raise ModelLoadError(
             f"checkpoint in {directory} does not match its {hf_config['model_type']} config: "
             + "; ".join(parts)
+            + ". The weights and config.json come from different models, or a file is incomplete: use the "
+            "config.json saved with these weights, or download the model again"
         )
 
     shapes = _tensor_shapes(files)
@@ -285,7 +311,8 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
             want = expected[::-1] if slot.transpose else expected
             bad.append(f"{name}: expected {want}, found {shapes[name]}")
     if bad:
-        raise ModelLoadError(f"mis-shaped tensors in {directory}: " + "; ".join(bad))
+        raise ModelLoadError(f"mis-shaped tensors in {directory}: {'; '.join(bad)}. config.json describes another "
+                             f"size of model than these weights: use the config.json saved with them")
 
     by_param: dict[tuple, dict[int | None, str]] = {}
     for name, slot in names.items():

@@ -22,10 +22,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxft.errors import AdapterError
-from jaxft.peft.lora import LoRAConfig, apply_lora, linear_modules, lora_layers, per_layer_modules
+from jaxft.peft.lora import LoRAConfig, apply_lora, linear_modules, lora_layers, per_layer_modules, select_targets
 
 _PREFIX = "base_model.model."
 _CLASSIFIER_HEADS = ["classifier", "score"]  # PEFT's modules_to_save for SEQ_CLS
+_REQUIRED_KEYS = ("r", "lora_alpha", "target_modules")  # what load_lora_adapter reads without a default
 
 
 def lora_target_modules(wrapped: list[str], targets: str):
@@ -94,12 +95,15 @@ def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
     """
     directory = pathlib.Path(directory)
     config_path, tensors_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-    if not config_path.is_file() or not tensors_path.is_file():
-        raise AdapterError(f"{directory} is not a PEFT adapter directory (it needs adapter_config.json and "
-                           f"adapter_model.safetensors).")
-    saved = json.loads(config_path.read_text())
+    missing = [p.name for p in (config_path, tensors_path) if not p.is_file()]
+    if missing:
+        raise AdapterError(f"{directory} is not a PEFT adapter directory: {' and '.join(missing)} missing (it needs "
+                           f"adapter_config.json and adapter_model.safetensors, as PEFT's save_pretrained writes "
+                           f"them); give the directory the adapter was saved to.")
+    saved = _read_adapter_config(config_path)
     if saved.get("peft_type") != "LORA":
-        raise AdapterError(f"{config_path}: peft_type {saved.get('peft_type')!r}; only LORA adapters load here.")
+        raise AdapterError(f"{config_path}: peft_type {saved.get('peft_type')!r}; only LORA adapters load here: give "
+                           f"a LoRA adapter's directory (peft_type LORA).")
     if saved.get("task_type") == "SEQ_CLS":
         raise AdapterError(f"{config_path}: a sequence classification adapter (task_type SEQ_CLS, with its own "
                            f"label head); it loads in transformers' AutoModelForSequenceClassification + peft, "
@@ -111,8 +115,13 @@ def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
     targets = ",".join(raw) if isinstance(raw, list) else raw if raw == "all-linear" else f"re:{raw}"
     config = LoRAConfig(rank=int(saved["r"]), alpha=float(saved["lora_alpha"]), targets=targets,
                         use_rslora=bool(saved.get("use_rslora")), use_dora=bool(saved.get("use_dora")))
-    tensors = load_file(str(tensors_path))
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as e:  # safetensors' own SafetensorError for a truncated or foreign file
+        raise AdapterError(f"{tensors_path} cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+                           f"corrupt or incomplete: save or download the adapter again.") from None
     _check_fits(model, tensors, directory)
+    _check_complete(model, tensors, config, directory)
     wrapped = apply_lora(model, config, rngs=nnx.Rngs(0))
     by_module: dict[int, tuple] = {}
     for name, module, j in lora_layers(model):
@@ -127,6 +136,35 @@ def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
         if module.lora_magnitude is not None:
             module.lora_magnitude.set_value(gather("lora_magnitude_vector", False))
     return config, wrapped
+
+
+def _read_adapter_config(config_path: pathlib.Path) -> dict:
+    """adapter_config.json, with the keys a LoRA config needs; AdapterError if it is not one."""
+    try:
+        saved = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_path} is not valid JSON ({e}); restore it from the adapter's original files."
+                           ) from None
+    if not isinstance(saved, dict):
+        raise AdapterError(f"{config_path} holds a JSON {type(saved).__name__}, not an object; restore it from the "
+                           f"adapter's original files.")
+    lacking = [k for k in _REQUIRED_KEYS if k not in saved] if saved.get("peft_type") == "LORA" else []
+    if lacking:
+        raise AdapterError(f"{config_path} lacks {', '.join(map(repr, lacking))}, which every LoRA adapter config "
+                           f"has; restore it from the adapter's original files (PEFT's save_pretrained writes them).")
+    return saved
+
+
+def _check_complete(model, tensors: dict, config: LoRAConfig, directory) -> None:
+    """Every layer the adapter's target_modules wrap has its tensors; checked before the model is changed."""
+    parts = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if config.use_dora else ())
+    wanted = [f"{_PREFIX}{name}.{part}" for name in select_targets(list(per_layer_modules(model)), config.targets)
+              for part in parts]
+    missing = [key for key in wanted if key not in tensors]
+    if missing:
+        raise AdapterError(f"The adapter in {directory} lacks {len(missing)} of the tensors its target_modules "
+                           f"call for (e.g. {missing[:3]}): the file is incomplete, or adapter_config.json belongs "
+                           f"to another adapter. Save or download the adapter again.")
 
 
 def _check_fits(model, tensors: dict, directory) -> None:
@@ -146,6 +184,7 @@ def _check_fits(model, tensors: dict, directory) -> None:
             problems.append(f"{key}: shape {list(value.shape)} does not fit '{module}' "
                             f"({base.in_features} -> {base.out_features})")
     if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise AdapterError(f"The adapter in {directory} does not fit this base model (written for another "
-                           f"one?): " + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if
-                                                                    len(problems) > 5 else ""))
+                           f"one?): {'; '.join(problems[:5])}{more}. Load it onto the base model it was trained "
+                           f"from (adapter_config.json's base_model_name_or_path says which).")
