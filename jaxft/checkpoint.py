@@ -5,16 +5,27 @@ the trainable parameters, the optimizer state (an orbax pytree), and a small
 JSON record (the data position and a fingerprint of the trainable parameters).
 Frozen pretrained weights are reloaded from their source. Saves are
 asynchronous; orbax writes each into a temporary directory and renames it when
-complete, so a killed run never leaves a half checkpoint that looks whole.
+complete, so a killed run never leaves a half checkpoint that looks whole, and
+it deletes checkpoints past `keep` only after the new one is committed.
+
+Faults a long job meets are survived: a newest checkpoint that does not restore
+(files missing or truncated: a disk error, a copy cut short) is reported and the
+next older one is used (`restore_newest`); a save that fails (a full disk) is a
+CheckpointError saying which checkpoints are still intact. Nothing is deleted.
 """
 
 import logging
 import pathlib
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxft.errors import CheckpointError
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint's files are missing, truncated or corrupt (not a checkpoint of another run)."""
 
 log = logging.getLogger("jaxft")
 
@@ -46,11 +57,15 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict) -> None:
         """Start saving `state` (a pytree) and `meta` (JSON) as checkpoint `step`; a step saved already
         is kept as it is: a resumed run replays to the same state (and an interrupt right after a
-        save would otherwise fail on orbax's StepAlreadyExistsError instead of stopping)."""
+        save would otherwise fail on orbax's StepAlreadyExistsError instead of stopping).
+        CheckpointError if this save, or the previous asynchronous one, fails."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # orbax re-raises a failed background save here, or at wait()
+            raise self._save_failed(step, e) from e
 
     def restore(self, step: int, like, expected_fingerprint: dict):
         """The state saved at `step`, shaped like `like`, and its meta; CheckpointError if unusable."""
@@ -58,20 +73,69 @@ class Checkpointer:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # orbax raises many types for unreadable files
-            raise CheckpointError(f"Checkpoint {where} cannot be read ({type(e).__name__}: {e}). Move it aside "
-                                  f"to resume from an earlier one, or use a new --workdir.") from e
+            raise UnreadableCheckpointError(f"Checkpoint {where} cannot be read ({type(e).__name__}: {e}). Move it "
+                                            f"aside to resume from an earlier one, or use a new --workdir.") from e
         if meta.get("fingerprint") != expected_fingerprint:
             raise CheckpointError(_mismatch_message(where, meta.get("fingerprint") or {}, expected_fingerprint))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         except Exception as e:
-            raise CheckpointError(f"Checkpoint {where} is corrupt or incomplete ({type(e).__name__}: {e}). "
-                                  f"Move it aside to resume from an earlier one, or use a new --workdir.") from e
+            raise UnreadableCheckpointError(f"Checkpoint {where} is corrupt or incomplete ({type(e).__name__}: "
+                                            f"{e}). Move it aside to resume from an earlier one, or use a new "
+                                            f"--workdir.") from e
         return restored["state"], meta
 
+    def restore_newest(self, like, expected_fingerprint: dict):
+        """`(state, meta)` of the newest checkpoint that restores, trying older ones when a newer one's files
+        are damaged (each reported with its step and path); CheckpointError when none does, deleting nothing.
+        A checkpoint of another run (other trainable parameters) stops at once: the older ones are its too."""
+        failures, damaged = [], []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.restore(step, like, expected_fingerprint)
+            except UnreadableCheckpointError as e:
+                log.warning("%s Trying the one before it.", e)
+                failures.append(f"step {step}: {e.__cause__ or e}")
+                damaged.append(step)
+                continue
+            if damaged:
+                self._set_aside(damaged)
+                log.warning("Resuming from checkpoint %d, the newest that restores; the damaged newer ones (%s) "
+                            "were moved to %s for inspection.", step, damaged, self._damaged_dir)
+            return restored
+        raise CheckpointError(f"No checkpoint in {self.directory} restores ({'; '.join(failures)}). Nothing was "
+                              f"deleted. Move the checkpoints directory aside to start from step 0, or use a new "
+                              f"--workdir.")
+
+    @property
+    def _damaged_dir(self) -> pathlib.Path:
+        return self.directory.parent / f"{self.directory.name}_damaged"
+
+    def _set_aside(self, steps) -> None:
+        """Move damaged checkpoints out of the manager's directory (kept, not deleted), so the run saves those
+        steps afresh and a later resume does not meet them again."""
+        self._damaged_dir.mkdir(exist_ok=True)
+        for step in steps:
+            target = self._damaged_dir / str(step)
+            if target.exists():
+                target = self._damaged_dir / f"{step}.{int(time.time())}"
+            (self.directory / str(step)).rename(target)
+        self.manager.reload()
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(self.manager.latest_step(), e) from e
+
+    def _save_failed(self, step, error: Exception) -> CheckpointError:
+        committed = sorted(self.manager.all_steps())
+        intact = f"the checkpoints committed before it ({', '.join(map(str, committed))}) are intact" if committed \
+            else "no checkpoint was committed yet"
+        return CheckpointError(f"Saving checkpoint {step} in {self.directory} failed ({type(error).__name__}: "
+                               f"{error}); {intact}. Free disk space (or fix the directory's permissions), then run "
+                               f"the same command to resume from the newest.")
 
     def close(self) -> None:
         self.manager.close()

@@ -279,7 +279,7 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
     stopper = EarlyStopping(config.eval.early_stopping_patience, config.eval.early_stopping_min_delta,
                             mode=best_mode, metric=best_key)
     if checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(checkpoints.latest_step(), state, fingerprint)
+        state, meta = checkpoints.restore_newest(state, fingerprint)
         _check_data_position(meta, order, int(state["step"]), data_fingerprint)
         stopper.restore(meta.get("early_stopping"))
         log.info("Resumed from %s at step %d (data position %s)", checkpoints.directory, int(state["step"]),
