@@ -198,6 +198,14 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    c.resume = ml_collections.ConfigDict(
+        dict(
+            # Keys a resumed run may change although they change what is trained (comma-separated, e.g.
+            # "optim.lr,train.steps"); jaxft/resume.py refuses any other such change, naming it.
+            allow_changes="",
+        )
+    )
+
     c.export = ml_collections.ConfigDict(
         dict(
             adapter=True,  # PEFT-format adapter under <workdir>/export/adapter (LoRA runs)
@@ -298,6 +306,7 @@ def validate(config) -> None:
                 "checkpoint.every_seconds"):
         _positive(config, key, allow_zero=True)
     _validate_early_stopping(config)
+    _validate_resume(config)
     _validate_task_metrics(config)
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1).")
@@ -405,3 +414,10 @@ def _validate_head(config) -> None:
     if config.data.packing:
         raise ConfigError("peft.task=sequence_classification pools each row's last token; data.packing would put "
                           "several examples in one row. Turn data.packing off.")
+
+
+def _validate_resume(config) -> None:
+    valid = valid_keys()
+    for key in (k.strip() for k in (config.resume.allow_changes or "").split(",")):
+        if key and key not in valid:
+            raise ConfigError("resume.allow_changes: " + unknown_key_message(key, valid))

@@ -266,6 +266,13 @@ def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
 # ----------------------------------------------------------------------------- hosts
 
 
+def barrier(name: str) -> None:
+    """Wait until every process of a multi-host job reaches the barrier `name`; nothing on one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def initialize_distributed() -> bool:
     """Join the other processes of a multi-host job, before JAX uses a device; True if it did.
 

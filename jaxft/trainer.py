@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
-from jaxft import evaluate, export, peft, sharding
+from jaxft import evaluate, export, peft, resume, sharding
 from jaxft import flops as flops_lib
 from jaxft.config import best_metric, validate
 from jaxft.errors import ConfigError, DataError, TrainingDivergedError
@@ -201,6 +201,7 @@ def make_workdir(workdir) -> pathlib.Path:
 
 def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) -> dict:
     # 1. Data (before JAX starts: see tune_host) ----------------------------------
+    resume.check(*resume.saved_config(workdir / "checkpoints"), config)  # a resume may not change what is trained
     seq_len, batch_size = config.train.seq_len, config.train.batch_size
     tokenizer = hf.load_tokenizer(config.model.path)
     data = data_lib.load(config, tokenizer, cache_dir=workdir / "data_cache" if config.data.cache else None)
@@ -218,7 +219,7 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
         sharding.check_batch(eval_batch_size, 1, mesh, "eval.batch_size")
     log.info("Mesh %s over %d devices in %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        log.info("Config of this start: %s", resume.write_start_config(workdir, config))
         _write_json(workdir / "data_report.json", data.report)
         if data.label_names is not None:
             _write_json(workdir / "labels.json", dict(labels=data.label_names,
@@ -320,7 +321,7 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
         _check_finite(state)
         checkpoints.save(step, state, dict(step=step, data_position=positions[step], rows_seen=step * batch_size,
                                            data_fingerprint=data_fingerprint, fingerprint=fingerprint,
-                                           early_stopping=stopper.to_meta()))
+                                           early_stopping=stopper.to_meta(), config=resume.resolved(config)))
         signals.saved()
         if jax.process_index() == 0 and order is None:  # a stream's report grows as it is read
             _write_json(workdir / "data_report.json", dict(data.report, train=train_set.report()))
@@ -370,6 +371,8 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
             if checkpoints.due(done) or done == total_steps or stopper.should_stop or stop or timed:
                 save(done)
             if stop:
+                checkpoints.wait()  # committed before any process exits: a launcher may end the others then
+                sharding.barrier("jaxft: the preemption checkpoint is committed")
                 raise Preempted(signals.received, done, checkpoints.directory)
             if stopper.should_stop:
                 break

@@ -55,11 +55,14 @@ fi
 [[ $hosts =~ ^[1-9][0-9]*$ ]] || usage "--hosts must be a positive integer"
 ((${#train_args[@]})) || usage "the training arguments go after -- (--config ... --workdir /gcs/...)"
 
-# printf %q quotes each argument for the pod's bash, so spaces and quotes arrive unchanged; pipefail
-# makes the pod's exit status python's, so a failed host fails the JobSet. tee -a: a restart appends.
+# printf %q quotes each argument for the pod's bash, so spaces and quotes arrive unchanged. The pod's
+# bash is PID 1: it gets Kubernetes' SIGTERM (preemption, eviction, a JobSet restart) and passes it to
+# python, which saves a checkpoint and exits 75 within the grace period (gke/jobset.yaml); the pod's exit
+# status is python's, so a failed or preempted host restarts the JobSet, which resumes. Output goes
+# through tee (-a: a restart appends) by process substitution, so $! is python itself.
 logs=/gcs/logs/$name
-# shellcheck disable=SC2016  # $(hostname) expands in each pod
-command="set -o pipefail; mkdir -p $logs; python -m jaxft.train$(printf ' %q' "${train_args[@]}")"' 2>&1 | tee -a '"$logs"'/$(hostname).log'
+# shellcheck disable=SC2016  # $(hostname), $! and $pid expand in each pod
+command="mkdir -p $logs; python -m jaxft.train$(printf ' %q' "${train_args[@]}")"' > >(tee -a '"$logs"'/$(hostname).log) 2>&1 & pid=$!; trap '"'"'kill -TERM $pid'"'"' TERM INT; wait $pid; status=$?; while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done; exit $status'
 
 manifest=$(<"$(dirname "$0")/gke/jobset.yaml")
 for key in NAME IMAGE BUCKET ACCELERATOR TOPOLOGY CHIPS_PER_HOST HOSTS SERVICE_ACCOUNT MAX_RESTARTS COMMAND; do

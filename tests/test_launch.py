@@ -30,8 +30,9 @@ def launch(script, *args, env=None, timeout=30):
 
 def remote_args(command):
     """The arguments bash passes to `python -m jaxft.train` when it runs `command` (on a TPU host or pod)."""
-    assert command.count("-m jaxft.train ") == 1 and command.count(" 2>&1 | tee ") == 1, command
-    words = command.split("-m jaxft.train ")[1].split(" 2>&1 | tee ")[0]
+    pipe = " 2>&1 | tee " if " 2>&1 | tee " in command else " > >(tee "  # ssh: a pipe; a pod: its python's pid
+    assert command.count("-m jaxft.train ") == 1 and command.count(pipe) == 1, command
+    words = command.split("-m jaxft.train ")[1].split(pipe)[0]
     out = subprocess.run(["bash", "-c", "printf '%s\\0' " + words], capture_output=True, text=True, check=True)
     return out.stdout.split("\0")[:-1]
 
@@ -151,3 +152,29 @@ def test_local_stops_all_when_one_fails(tmp_path):
     assert out.returncode == 3, out.stdout + out.stderr
     assert "process 1 failed (exit status 3)" in out.stderr
     assert "process 1: failing on purpose" in out.stderr  # the tail of its log
+
+
+def test_the_gke_pod_passes_sigterm_to_python_and_exits_with_its_status(tmp_path):
+    """Kubernetes signals the pod's bash (PID 1); a bash waiting on a pipeline would hold the signal until python
+    ended, SIGKILL would follow, and no checkpoint would be saved. Here a stand-in python that saves and exits
+    75 on SIGTERM shows the signal arrives and the pod reports its status."""
+    import signal
+    import time
+    out = launch("gke.sh", *GKE, "--dry-run", "--", "--config", "c")
+    manifest = yaml.safe_load("\n".join(out.stdout.splitlines()[1:-1]))
+    [container] = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"]
+    command = container["args"][0].replace("/gcs/logs/ft-llama", str(tmp_path / "logs"))
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text("#!/usr/bin/env bash\ntrap 'echo saved at step 3; exit 75' TERM\necho started\n"
+                    "while true; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    pod = subprocess.Popen(["bash", "-c", command], env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    logs = tmp_path / "logs"
+    deadline = time.monotonic() + 20
+    while not (logs.is_dir() and any("started" in f.read_text() for f in logs.iterdir())):
+        assert time.monotonic() < deadline and pod.poll() is None
+        time.sleep(0.05)
+    pod.send_signal(signal.SIGTERM)
+    assert pod.wait(timeout=20) == 75
+    assert "saved at step 3" in next(logs.iterdir()).read_text()

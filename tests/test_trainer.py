@@ -175,11 +175,15 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
 
 
 def test_resume_with_other_data_is_refused(tmp_path):
-    trainer.run(small_config(**{"train.steps": 3, "eval.every_steps": 0}), tmp_path)
-    other = tmp_path / "other.jsonl"
-    other.write_text("\n".join((QUICKSTART / "train.jsonl").read_text().splitlines()[:40]) + "\n")
+    """The data file edited in place between runs: the config is the same, the batches would not be."""
+    data = tmp_path / "train.jsonl"
+    rows = (QUICKSTART / "train.jsonl").read_text().splitlines()
+    data.write_text("\n".join(rows[:80]) + "\n")
+    config = small_config(**{"train.steps": 3, "eval.every_steps": 0, "data.train": str(data)})
+    trainer.run(config, tmp_path / "run")
+    data.write_text("\n".join(rows[:40]) + "\n")
     with pytest.raises(DataError, match="training data .* differ from the run that wrote the checkpoint"):
-        trainer.run(small_config(**{"train.steps": 6, "eval.every_steps": 0, "data.train": str(other)}), tmp_path)
+        trainer.run(config, tmp_path / "run")
 
 
 @pytest.mark.slow
