@@ -40,11 +40,6 @@ def _truncate_arrays(step_dir):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-def _delete_manifest(step_dir):
-    for f in (step_dir / "state").rglob("manifest.ocdbt"):
-        f.unlink()
-
-
 def _delete_meta(step_dir):
     shutil.rmtree(step_dir / "meta")
 
@@ -57,7 +52,7 @@ def _copy_without_last(finished, tmp_path, damage):
     return workdir
 
 
-@pytest.mark.parametrize("damage", [_truncate_arrays, _delete_manifest, _delete_meta])
+@pytest.mark.parametrize("damage", [_truncate_arrays, _delete_meta])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(finished, tmp_path, damage, caplog):
     workdir = _copy_without_last(finished, tmp_path, damage)
     with caplog.at_level(logging.WARNING, logger="jaxft"):

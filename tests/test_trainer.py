@@ -163,8 +163,11 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (workdir / "export").exists(), "run ended before the kill"
+    assert (workdir / "run.lock").exists()  # left by the killed run: the next start takes it over
 
     trainer.run(small_config(**overrides), workdir)
+    # The rows the killed run logged after its last checkpoint are not repeated.
+    assert [r["step"] for r in _records(workdir) if "loss" in r] == list(range(2, 41, 2))
     a, b = _adapter(tmp_path / "straight"), _adapter(workdir)
     assert a.keys() == b.keys()
     for k in a:
