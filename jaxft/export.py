@@ -4,6 +4,7 @@
 transformers load LoRA; peft loads both).
 `model/`: a full Hugging Face checkpoint: the fully fine-tuned model, or a LoRA
 run's adapter merged into its base when `export.merged` is set.
+`adapter/vllm.json`: whether vLLM can serve the adapter, why not, and the command that would.
 """
 
 import json
@@ -20,6 +21,7 @@ from jaxft.peft.lora import merge_lora
 from jaxft.peft.peft_format import save_lora_adapter
 from jaxft.peft.prompt import save_prompt_adapter
 from jaxft.peft.quant import dequantize_model
+from jaxft.peft.serving import write_vllm_verdict
 
 log = logging.getLogger("jaxft")
 
@@ -35,7 +37,7 @@ def export_run(model, method, tokenizer, config, directory, label_names=None) ->
             if label_names is not None:  # PEFT keeps no label names: the base is built with them (README)
                 (path / "labels.json").write_text(json.dumps(dict(id2label=dict(enumerate(label_names))),
                                                              indent=2) + "\n")
-            log.info("Exported the LoRA adapter (PEFT format) to %s", path)
+            log.info("Exported the LoRA adapter (PEFT format) to %s; %s", path, _vllm_summary(path, config))
         if config.export.merged:
             merged = dequantize_model(merge_lora(nnx.clone(model)))  # QLoRA: float weights for HF
             path = save_hf_model(merged, directory / "model", config.model.path, tokenizer, label_names)
@@ -45,16 +47,25 @@ def export_run(model, method, tokenizer, config, directory, label_names=None) ->
             path = save_adapters(model, directory / "adapter", kind=config.peft.adapter_kind,
                                  bottleneck=config.peft.adapter_size, activation=config.peft.adapter_activation,
                                  base_model=config.model.path)
-            log.info("Exported the bottleneck adapters (jaxft format; PEFT has none) to %s", path)
+            log.info("Exported the bottleneck adapters (jaxft format; PEFT has none) to %s; %s", path,
+                     _vllm_summary(path, config))
     elif method.name == "prompt_tuning":
         if config.export.adapter:
             path = save_prompt_adapter(model, directory / "adapter", base_model=config.model.path,
                                        init_text=config.peft.prompt_init_text if config.peft.prompt_init == "text"
                                        else None)
-            log.info("Exported the prompt (PEFT prompt-tuning format) to %s", path)
+            log.info("Exported the prompt (PEFT prompt-tuning format) to %s; %s", path, _vllm_summary(path, config))
     elif method.name in ("full", "partial", "bitfit"):  # base weights trained: the whole model
         path = save_hf_model(model, directory / "model", config.model.path, tokenizer, label_names)
         log.info("Exported the fine-tuned model (HF format) to %s", path)
+
+
+def _vllm_summary(adapter_dir, config) -> str:
+    """Write vllm.json beside the adapter (jaxft/peft/serving.py) and say in a line what it found."""
+    verdict = write_vllm_verdict(adapter_dir, config.model.path)
+    if verdict["servable"]:
+        return "vLLM can serve it: " + verdict["command"]
+    return "vLLM cannot serve it: " + "; ".join(verdict["why_not"])
 
 
 def save_hf_model(model, directory, base_path, tokenizer, label_names=None) -> pathlib.Path:

@@ -92,6 +92,7 @@ def test_lora_head_learns_and_loads_in_transformers_and_peft(topic_data, tmp_pat
     adapter = run / "export" / "adapter"
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["classifier", "score"]
+    assert not json.loads((adapter / "vllm.json").read_text())["servable"]  # vLLM takes no modules_to_save
     assert json.loads((adapter / "labels.json").read_text())["id2label"] == {"0": "arithmetic", "1": "country",
                                                                              "2": "words"}
     answers = _final_answers(run)

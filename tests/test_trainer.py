@@ -59,6 +59,7 @@ def test_lora_run_writes_everything(tmp_path):
     config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
     assert any(np.abs(v).max() > 0 for k, v in _adapter(tmp_path).items() if "lora_B" in k)
+    assert json.loads((tmp_path / "export" / "adapter" / "vllm.json").read_text())["servable"]
 
 
 def test_frozen_weights_unchanged_and_optimizer_state_only_for_trainables():
