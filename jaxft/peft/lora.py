@@ -385,3 +385,13 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
             module.merge()
         set_module(model, name, module.base_layer)
     return model
+
+
+def remove_lora(model: nnx.Module) -> nnx.Module:
+    """Unwrap every LoRA/DoRA layer, in place, leaving the base as it was loaded (a merged update is taken back
+    out first): the model another adapter can be applied to."""
+    for name, module in lora_modules(model).items():
+        if module.merged_gain is not None:
+            module.unmerge()
+        set_module(model, name, module.base_layer)
+    return model

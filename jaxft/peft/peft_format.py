@@ -93,6 +93,13 @@ def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
     rank, alpha, rsLoRA/DoRA switches and target modules, then every tensor, checked
     against the base's module names and shapes before any is set.
     """
+    config, tensors = read_lora_adapter(directory)
+    return config, apply_lora_tensors(model, config, tensors, directory)
+
+
+def read_lora_adapter(directory) -> tuple[LoRAConfig, dict[str, np.ndarray]]:
+    """A PEFT LoRA/DoRA adapter directory's config and tensors (PEFT names, torch layout); AdapterError if it is
+    not one jaxft can apply."""
     directory = pathlib.Path(directory)
     config_path, tensors_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     missing = [p.name for p in (config_path, tensors_path) if not p.is_file()]
@@ -120,6 +127,12 @@ def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
     except Exception as e:  # safetensors' own SafetensorError for a truncated or foreign file
         raise AdapterError(f"{tensors_path} cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
                            f"corrupt or incomplete: save or download the adapter again.") from None
+    return config, tensors
+
+
+def apply_lora_tensors(model, config: LoRAConfig, tensors: dict, directory="the adapter") -> list[str]:
+    """Wrap `model`'s target layers as `config` says and set their A, B (and DoRA magnitudes) from `tensors`;
+    everything is checked against the base before the model changes. Returns the wrapped layer names."""
     _check_fits(model, tensors, directory)
     _check_complete(model, tensors, config, directory)
     wrapped = apply_lora(model, config, rngs=nnx.Rngs(0))
@@ -135,7 +148,7 @@ def load_lora_adapter(model, directory) -> tuple[LoRAConfig, list[str]]:
         module.lora_b.set_value(gather("lora_B.weight", True))
         if module.lora_magnitude is not None:
             module.lora_magnitude.set_value(gather("lora_magnitude_vector", False))
-    return config, wrapped
+    return wrapped
 
 
 def _read_adapter_config(config_path: pathlib.Path) -> dict:
