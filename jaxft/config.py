@@ -210,6 +210,10 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             adapter=True,  # PEFT-format adapter under <workdir>/export/adapter (LoRA runs)
             merged=False,  # LoRA merged into the base, as an HF model under <workdir>/export/model
+            # The dtype of an exported model's weights (merged LoRA, full/partial/bitfit): "auto" is the base
+            # checkpoint's (a bfloat16 base exports bfloat16, whatever the run computed in), or float32, bfloat16,
+            # float16.
+            merged_dtype="auto",
         )
     )
     return c
@@ -372,6 +376,7 @@ def best_metric(config) -> tuple[str, str]:
 
 def _validate_peft(config) -> None:
     _choice(config, "peft.task", TASKS)
+    _choice(config, "export.merged_dtype", ("auto", *DTYPES))
     _validate_head(config)
     _choice(config, "peft.quant", ("nf4", "int8"))
     _choice(config, "peft.kernel", ("auto", "pallas", "xla"))

@@ -11,6 +11,8 @@ import json
 import logging
 import pathlib
 
+import ml_dtypes
+import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -40,8 +42,9 @@ def export_run(model, method, tokenizer, config, directory, label_names=None) ->
             log.info("Exported the LoRA adapter (PEFT format) to %s; %s", path, _vllm_summary(path, config))
         if config.export.merged:
             merged = dequantize_model(merge_lora(nnx.clone(model)))  # QLoRA: float weights for HF
-            path = save_hf_model(merged, directory / "model", config.model.path, tokenizer, label_names)
-            log.info("Exported the merged model (HF format) to %s", path)
+            path = save_hf_model(merged, directory / "model", config.model.path, tokenizer, label_names,
+                                 config.export.merged_dtype)
+            log.info("Exported the merged model (HF format, %s) to %s", _file_dtype(path), path)
     elif method.name == "adapter":
         if config.export.adapter:
             path = save_adapters(model, directory / "adapter", kind=config.peft.adapter_kind,
@@ -56,8 +59,13 @@ def export_run(model, method, tokenizer, config, directory, label_names=None) ->
                                        else None)
             log.info("Exported the prompt (PEFT prompt-tuning format) to %s; %s", path, _vllm_summary(path, config))
     elif method.name in ("full", "partial", "bitfit"):  # base weights trained: the whole model
-        path = save_hf_model(model, directory / "model", config.model.path, tokenizer, label_names)
-        log.info("Exported the fine-tuned model (HF format) to %s", path)
+        path = save_hf_model(model, directory / "model", config.model.path, tokenizer, label_names,
+                             config.export.merged_dtype)
+        log.info("Exported the fine-tuned model (HF format, %s) to %s", _file_dtype(path), path)
+
+
+def _file_dtype(directory) -> str:
+    return hf.stored_dtype(directory) or "?"
 
 
 def _vllm_summary(adapter_dir, config) -> str:
@@ -68,19 +76,36 @@ def _vllm_summary(adapter_dir, config) -> str:
     return "vLLM cannot serve it: " + "; ".join(verdict["why_not"])
 
 
-def save_hf_model(model, directory, base_path, tokenizer, label_names=None) -> pathlib.Path:
+def save_hf_model(model, directory, base_path, tokenizer, label_names=None, dtype: str = "auto") -> pathlib.Path:
     """config.json (the base's), model.safetensors and the tokenizer: loadable by `from_pretrained`. With
-    `label_names` a sequence classifier's (AutoModelForSequenceClassification)."""
+    `label_names` a sequence classifier's (AutoModelForSequenceClassification). `dtype`: the weights' dtype
+    in the file, "auto" for the base checkpoint's (a bfloat16 base gives a bfloat16 export, whatever dtype
+    the run trained in), or "float32", "bfloat16", "float16"."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = hf.to_hf_state_dict(model)
+    base_dir = hf.resolve_model_dir(base_path)
+    hf_config = hf.read_config(base_dir)
+    dtype = export_dtype(dtype, base_dir, hf_config)
+    tensors = {name: t.astype(EXPORT_DTYPES[dtype]) for name, t in hf.to_hf_state_dict(model).items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    hf_config = hf.read_config(base_path)
+    hf_config = dict(hf_config, **{key: dtype for key in ("torch_dtype", "dtype") if key in hf_config})
     if label_names is not None:
         hf_config = classifier_config(hf_config, label_names, pad_token_id(tokenizer))
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def export_dtype(choice: str, base_dir, hf_config: dict) -> str:
+    """`export.merged_dtype` resolved: "auto" is the base's dtype, as its config.json names it (`torch_dtype`,
+    or `dtype` in newer files) or else as its weights are stored; float32 when neither says."""
+    if choice != "auto":
+        return choice
+    named = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return named if named in EXPORT_DTYPES else hf.stored_dtype(base_dir) or "float32"
 
 
 def classifier_config(hf_config: dict, label_names: list[str], pad_id: int) -> dict:

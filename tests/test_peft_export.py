@@ -89,3 +89,35 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         load_lora_adapter(wider, tmp_path / "adapter")
     with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
         load_lora_adapter(wider, tmp_path)
+
+
+def test_a_merged_export_keeps_a_bfloat16_base_in_bfloat16(tmp_path):
+    """export.merged_dtype=auto writes the base's dtype (here bfloat16), though the run held float32 weights;
+    float32 when asked. transformers loads either."""
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    from jaxft.export import save_hf_model
+    from jaxft.models import to_hf_state_dict
+    from jaxft.peft.lora import merge_lora
+    base_dir = save_tiny_model("llama", tmp_path / "base", dtype=torch.bfloat16)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=_tiny_tokenizer())
+    model = load_pretrained(base_dir, param_dtype=jnp.float32)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8), rngs=nnx.Rngs(0))
+    for i, m in enumerate(lora_modules(model).values()):
+        m.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(i), m.lora_b.get_value().shape))
+    merged = to_hf_state_dict(merge_lora(model))
+    for dtype, stored, torch_dtype in [("auto", "BF16", torch.bfloat16), ("float32", "F32", torch.float32)]:
+        out = save_hf_model(model, tmp_path / dtype, base_dir, tokenizer, dtype=dtype)
+        with safe_open(out / "model.safetensors", framework="numpy") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {stored}
+            name = "model.layers.0.self_attn.q_proj.weight"
+            np.testing.assert_array_equal(f.get_tensor(name).astype(np.float32),
+                                          merged[name].astype(f.get_tensor(name).dtype).astype(np.float32))
+        assert transformers.AutoModelForCausalLM.from_pretrained(out).dtype == torch_dtype
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+    return Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))

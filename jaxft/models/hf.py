@@ -217,6 +217,21 @@ def _read_tensors(files: Mapping[str, Path], names):
                 yield name, f.get_tensor(name)
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(directory) -> str | None:
+    """The dtype a checkpoint's floating-point weights are stored in ("bfloat16", ...), from the first file's
+    header; None if it holds none of float32, bfloat16, float16."""
+    files = _weight_files(Path(directory))
+    with safe_open(sorted(set(files.values()))[0], framework="numpy") as f:
+        for name in f.keys():
+            found = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+            if found:
+                return found
+    return None
+
+
 def _tensor_shapes(files: Mapping[str, Path]) -> dict[str, tuple]:
     """Shapes from the safetensors headers, without reading data."""
     shapes = {}
