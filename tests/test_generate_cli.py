@@ -167,3 +167,38 @@ def test_a_qlora_run_answers_over_its_quantised_base(tokenizer, tmp_path):
     from jaxft.peft.peft_format import load_lora_adapter
     load_lora_adapter(float_base, tmp_path / "export" / "adapter")
     assert np.abs(np.asarray(float_base(ids)) - expected).max() > 100 * 1e-5
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tmp_path_factory):
+    """Another LoRA adapter of the quickstart model (other targets, other B), as another task would leave."""
+    directory = tmp_path_factory.mktemp("second")
+    model = load_pretrained(QUICKSTART / "model")
+    lora = LoRAConfig(rank=2, alpha=8.0, targets="v_proj,down_proj")
+    wrapped = apply_lora(model, lora, rngs=nnx.Rngs(1))
+    for i, m in enumerate(lora_modules(model).values()):
+        m.lora_b.set_value(0.2 * jax.random.normal(jax.random.key(100 + i), m.lora_b.get_value().shape))
+    save_lora_adapter(model, directory, lora, wrapped, base_model=str(QUICKSTART / "model"))
+    return directory, model
+
+
+def test_rows_pick_their_adapter_among_several_on_one_base(run_dir, second_adapter, tokenizer, tmp_path, capsys):
+    (workdir, first), (second_dir, second) = run_dir, second_adapter
+    rows = [dict(EVAL_ROWS[0], adapter="b"), EVAL_ROWS[1], dict(EVAL_ROWS[2], adapter="b")]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    adapters = ["--adapter", f"a={workdir / 'export' / 'adapter'}", "--adapter", f"b={second_dir}"]
+    main(["--model", str(QUICKSTART / "model"), *adapters, "--data", str(tmp_path / "rows.jsonl"),
+          "--out", str(tmp_path / "p.jsonl"), "--max-new-tokens", "24"])
+    written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    by_b, by_a = (_expected(m, tokenizer, [r["prompt"] for r in rows]).texts for m in (second, first))
+    assert [w["adapter"] for w in written] == ["b", "a", "b"]
+    assert [w["prediction"] for w in written] == [by_b[0], by_a[1], by_b[2]]
+    assert by_a != by_b  # the adapters answer differently, so picking the wrong one would show
+    main(["--model", str(QUICKSTART / "model"), *adapters, "--use", "b", "--prompt", rows[1]["prompt"],
+          "--max-new-tokens", "24"])
+    assert capsys.readouterr().out == by_b[1] + "\n"
+    (tmp_path / "bad.jsonl").write_text(json.dumps(dict(EVAL_ROWS[0], adapter="c")) + "\n")
+    with pytest.raises(SystemExit):
+        main(["--model", str(QUICKSTART / "model"), *adapters, "--data", str(tmp_path / "bad.jsonl"),
+              "--out", str(tmp_path / "x.jsonl")])
+    assert "rows name adapters ['c']" in capsys.readouterr().err
