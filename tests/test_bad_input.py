@@ -74,6 +74,8 @@ CASES = [
      r"re-save the file as UTF-8"),
     ("not-an-object", lambda t: load_data(t, ONE_ROW + "[1, 2]\n"), DataError, r"jsonl:2: a row must be a JSON object",
      r"write each line as"),
+    ("first-row-an-array", lambda t: load_data(t, "[1, 2]\n" + ONE_ROW), DataError,
+     r"jsonl:1: a row must be a JSON object", r"write each line as"),
     ("missing-field", lambda t: load_data(t, '{"prompt": "p", "completion": "c"}\n{"prompt": "q"}\n'), DataError,
      r"jsonl:2: missing field 'completion'", r"set data\.on_bad_row=skip"),
     ("wrong-type", lambda t: load_data(t, '{"text": 3}\n'), DataError, r"jsonl:1: field 'text' must be a string",

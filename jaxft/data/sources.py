@@ -215,6 +215,10 @@ def _json_type(value) -> str:
 
 
 def _is_json_array(path: str) -> bool:
+    """A .json file holding one array of rows (a .jsonl file never does: its first line may itself be an array,
+    a bad row to be named as such)."""
+    if path.lower().endswith(".jsonl"):
+        return False
     with open(path, "rb") as f:
         return f.read(64).lstrip()[:1] == b"["
 
