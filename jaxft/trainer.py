@@ -287,9 +287,9 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
                  meta.get("data_position"))
     start_step = int(state["step"])
     resumed = checkpoints.latest_step() is not None
-    # The data position after each step, as the batches report it (a stream's depends on the data): a
-    # checkpoint of step N saves positions[N], never a loop variable that may already be one step ahead.
-    positions = {start_step: order.position(start_step) if order else meta.get("data_position") if resumed else None}
+    # Where the next batch is read: the batches report it with each step (a stream's depends on the data). A
+    # checkpoint is only saved right after a step, so this is always the position after the step it saves.
+    position = order.position(start_step) if order else meta.get("data_position") if resumed else None
     stop_step = start_step if stopper.should_stop else total_steps
     if stopper.should_stop:
         log.info("This run stopped early at step %d; exporting without training further.", stopper.stopped_at)
@@ -319,7 +319,7 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
 
     def save(step):
         _check_finite(state)
-        checkpoints.save(step, state, dict(step=step, data_position=positions[step], rows_seen=step * batch_size,
+        checkpoints.save(step, state, dict(step=step, data_position=position, rows_seen=step * batch_size,
                                            data_fingerprint=data_fingerprint, fingerprint=fingerprint,
                                            early_stopping=stopper.to_meta(), config=resume.resolved(config)))
         signals.saved()
@@ -354,7 +354,6 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
             state, metrics = step_fn(state, frozen, data_lib.to_global(batch, batch_sharding, batch_size))
             window.append(metrics)
             done = step + 1
-            positions[done] = position
             progress.update(done, last)
             if done % config.train.log_every_steps == 0 or done == total_steps:
                 last = _summarise(window, throughput, batches.wait_seconds)

@@ -107,17 +107,27 @@ def stream_one(model, tokenizer, ids, config) -> None:
     sys.stdout.write("\n")
 
 
-def answer_file(model, tokenizer, rows, prompts, config, batch_size: int, out_path) -> None:
-    from tqdm import tqdm
-
+def answered(model, tokenizer, rows, prompts, config, batch_size: int, bar):
+    """Each row with its `prediction` and `finish_reason`, in order, decoded in batches; `bar` counts them."""
     from jaxft.generate import generate_in_batches
+    for start, result in generate_in_batches(model, prompts, config, batch_size, tokenizer=tokenizer):
+        for row, text, reason in zip(rows[start:], result.texts, result.finish_reasons):
+            yield {**row, "prediction": text, "finish_reason": reason}
+        bar.update(len(result.texts))
+
+
+def write_rows(out_path, rows) -> None:
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("w") as f, tqdm(total=len(rows), unit="row", desc="generating") as bar:
-        for start, result in generate_in_batches(model, prompts, config, batch_size, tokenizer=tokenizer):
-            for row, text, reason in zip(rows[start:], result.texts, result.finish_reasons):
-                f.write(json.dumps({**row, "prediction": text, "finish_reason": reason}) + "\n")
-            bar.update(len(result.texts))
+    with out_path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def answer_file(model, tokenizer, rows, prompts, config, batch_size: int, out_path) -> None:
+    from tqdm import tqdm
+    with tqdm(total=len(rows), unit="row", desc="generating") as bar:
+        write_rows(out_path, answered(model, tokenizer, rows, prompts, config, batch_size, bar))
 
 
 def trained_format(workdir, data_cfg: dict) -> str | None:
@@ -187,19 +197,18 @@ def answer_file_by_adapter(model, adapters, tokenizer, rows, prompts, config, a)
     if unknown:
         raise DataError(f"{a.data}: rows name adapters {unknown} that no --adapter NAME=DIR gives "
                         f"({sorted(a.adapters)}).")
+    from tqdm import tqdm
     answers: dict[int, dict] = {}
-    tmp = pathlib.Path(a.out).with_suffix(".part.jsonl")
-    for name in a.adapters:
-        picked = [i for i, c in enumerate(chosen) if c == name]
-        if not picked:
-            continue
-        _activate(model, adapters, name)
-        answer_file(model, tokenizer, [rows[i] for i in picked], [prompts[i] for i in picked], config,
-                    a.batch_size, tmp)
-        for i, line in zip(picked, tmp.read_text().splitlines()):
-            answers[i] = dict(json.loads(line), adapter=name)
-    tmp.unlink(missing_ok=True)
-    pathlib.Path(a.out).write_text("".join(json.dumps(answers[i]) + "\n" for i in range(len(rows))))
+    with tqdm(total=len(rows), unit="row", desc="generating") as bar:
+        for name in a.adapters:
+            picked = [i for i, c in enumerate(chosen) if c == name]
+            if not picked:
+                continue
+            _activate(model, adapters, name)
+            done = answered(model, tokenizer, [rows[i] for i in picked], [prompts[i] for i in picked], config,
+                            a.batch_size, bar)
+            answers.update((i, dict(row, adapter=name)) for i, row in zip(picked, done))
+    write_rows(a.out, (answers[i] for i in range(len(rows))))
 
 
 def main(argv=None) -> None:
