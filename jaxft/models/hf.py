@@ -224,7 +224,7 @@ def stored_dtype(directory) -> str | None:
     """The dtype a checkpoint's floating-point weights are stored in ("bfloat16", ...), from the first file's
     header; None if it holds none of float32, bfloat16, float16."""
     files = _weight_files(Path(directory))
-    with safe_open(sorted(set(files.values()))[0], framework="numpy") as f:
+    with _open_safetensors(sorted(set(files.values()))[0]) as f:
         for name in f.keys():
             found = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
             if found:
