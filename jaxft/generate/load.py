@@ -86,7 +86,7 @@ def stop_token_ids(tokenizer, model_path) -> tuple[int, ...]:
     """The tokens that end an answer: the tokenizer's EOS and the checkpoint's `generation_config.json`
     `eos_token_id` (an id or a list: chat models often name their end-of-turn token there)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    path = pathlib.Path(model_path) / "generation_config.json"
+    path = hf.resolve_model_dir(model_path) / "generation_config.json"  # a .gguf: its dequantised copy's
     if path.is_file():
         eos = json.loads(path.read_text()).get("eos_token_id")
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
