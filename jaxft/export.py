@@ -10,6 +10,7 @@ run's adapter merged into its base when `export.merged` is set.
 import json
 import logging
 import pathlib
+import re
 
 import ml_dtypes
 import numpy as np
@@ -39,7 +40,7 @@ def export_run(model, method, tokenizer, config, directory, label_names=None) ->
             if label_names is not None:  # PEFT keeps no label names: the base is built with them (README)
                 (path / "labels.json").write_text(json.dumps(dict(id2label=dict(enumerate(label_names))),
                                                              indent=2) + "\n")
-            log.info("Exported the LoRA adapter (PEFT format) to %s; %s", path, _vllm_summary(path, config))
+            log.info("Exported the LoRA adapter (PEFT format) to %s; %s", path, _vllm_summary(path, config, model))
         if config.export.merged:
             merged = dequantize_model(merge_lora(nnx.clone(model)))  # QLoRA: float weights for HF
             path = save_hf_model(merged, directory / "model", config.model.path, tokenizer, label_names,
@@ -51,13 +52,14 @@ def export_run(model, method, tokenizer, config, directory, label_names=None) ->
                                  bottleneck=config.peft.adapter_size, activation=config.peft.adapter_activation,
                                  base_model=config.model.path)
             log.info("Exported the bottleneck adapters (jaxft format; PEFT has none) to %s; %s", path,
-                     _vllm_summary(path, config))
+                     _vllm_summary(path, config, model))
     elif method.name == "prompt_tuning":
         if config.export.adapter:
             path = save_prompt_adapter(model, directory / "adapter", base_model=config.model.path,
                                        init_text=config.peft.prompt_init_text if config.peft.prompt_init == "text"
                                        else None)
-            log.info("Exported the prompt (PEFT prompt-tuning format) to %s; %s", path, _vllm_summary(path, config))
+            log.info("Exported the prompt (PEFT prompt-tuning format) to %s; %s", path,
+                     _vllm_summary(path, config, model))
     elif method.name in ("full", "partial", "bitfit"):  # base weights trained: the whole model
         path = save_hf_model(model, directory / "model", config.model.path, tokenizer, label_names,
                              config.export.merged_dtype)
@@ -68,9 +70,9 @@ def _file_dtype(directory) -> str:
     return hf.stored_dtype(directory) or "?"
 
 
-def _vllm_summary(adapter_dir, config) -> str:
+def _vllm_summary(adapter_dir, config, model) -> str:
     """Write vllm.json beside the adapter (jaxft/peft/serving.py) and say in a line what it found."""
-    verdict = write_vllm_verdict(adapter_dir, config.model.path)
+    verdict = write_vllm_verdict(adapter_dir, config.model.path, model.config.model_type)
     if verdict["servable"]:
         return "vLLM can serve it: " + verdict["command"]
     return "vLLM cannot serve it: " + "; ".join(verdict["why_not"])
@@ -108,10 +110,15 @@ def export_dtype(choice: str, base_dir, hf_config: dict) -> str:
     return named if named in EXPORT_DTYPES else hf.stored_dtype(base_dir) or "float32"
 
 
+# The class-name endings of the checkpoints a classifier is trained from: a language model, a pretrained encoder
+# (BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM) or its bare body (BertModel).
+_BASE_ARCHITECTURE = re.compile(r"(ForCausalLM|LMHeadModel|ForMaskedLM|ForPreTraining|Model)$")
+
+
 def classifier_config(hf_config: dict, label_names: list[str], pad_id: int) -> dict:
-    """A language model's HF config as its sequence classifier's: the architecture, the labels, and the pad
-    token id transformers pools by (the last token that is not padding)."""
-    arch = [a.replace("ForCausalLM", "ForSequenceClassification") for a in hf_config.get("architectures") or []]
+    """A base model's HF config as its sequence classifier's: the architecture, the labels, and the pad
+    token id transformers pools by (a decoder's last token that is not padding)."""
+    arch = [_BASE_ARCHITECTURE.sub("ForSequenceClassification", a) for a in hf_config.get("architectures") or []]
     return dict(hf_config, architectures=arch or None, num_labels=len(label_names), pad_token_id=pad_id,
                 id2label={str(i): name for i, name in enumerate(label_names)},
                 label2id={name: i for i, name in enumerate(label_names)})

@@ -53,12 +53,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 from flax import nnx
 
-from jaxft.models import stack
+from jaxft.models import layout, stack
 from jaxft.models.layers import Embed, Linear
+from jaxft.models.layout import DECODER, Layout
 from jaxft.peft.adapters import BottleneckAdapter
 from jaxft.peft.lora import LoRALinear
 from jaxft.peft.quant import QuantizedEmbed, QuantizedLinear
@@ -120,12 +120,13 @@ def peak_flops(device_kind: str | None) -> float | None:
 # read the same input), so one trainable part does not make its siblings' inputs differentiable.
 _BLOCK_STAGES = (
     ("input_layernorm", 0),
-    ("self_attn.q_proj", 1), ("self_attn.k_proj", 1), ("self_attn.v_proj", 1),
+    ("self_attn.q_proj", 1), ("self_attn.k_proj", 1), ("self_attn.v_proj", 1), ("self_attn.qkv_proj", 1),
     ("self_attn.q_norm", 2), ("self_attn.k_norm", 2),
     ("self_attn.o_proj", 4),
-    ("post_attention_layernorm", 5),
-    ("mlp.gate_proj", 6), ("mlp.up_proj", 6),
+    ("post_attention_layernorm", 5), ("pre_feedforward_layernorm", 5),  # Gemma 2/3: post-attention, pre-MLP
+    ("mlp.gate_proj", 6), ("mlp.up_proj", 6), ("mlp.gate_up_proj", 6),
     ("mlp.down_proj", 7),
+    ("post_feedforward_layernorm", 8),
 )
 _ATTENTION_STAGE = 3  # the score and value products, between q/k/v (and their norms) and o_proj
 # Inside one projection, in forward order: its own kernel and LoRA's A read the projection's input
@@ -134,7 +135,6 @@ _PROJECTION_PARTS = (
     (".lora_b", 2), (".adapter.down_kernel", 5), (".adapter.down_bias", 6), (".adapter.up_kernel", 7),
     (".adapter.up_bias", 8), (".lora_magnitude", 4), (".bias", 3),
 )
-_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def _part(rest: str) -> int:
@@ -144,21 +144,21 @@ def _part(rest: str) -> int:
     return 0
 
 
-def _position(name: str, num_layers: int) -> tuple[int, int, int]:
+def _position(name: str, num_layers: int, names: Layout = DECODER) -> tuple[int, int, int]:
     """(level, stage, part) of the parameter called `name` in the forward pass: level -1 is the input
-    (embeddings, virtual tokens), 0 .. L-1 the decoder blocks, L the final norm and the head."""
-    match = _BLOCK.fullmatch(name)
-    if match:
-        layer, rest = int(match.group(1)), match.group(2)
+    (embeddings, virtual tokens), 0 .. L-1 the blocks, L the final norm and the head."""
+    block = names.block_of(name)
+    if block:
+        layer, rest = block
         for prefix, stage in _BLOCK_STAGES:
             if rest.startswith(prefix + "."):
                 return layer, stage, _part(rest[len(prefix):])
         return layer, 0, 0  # a part this table does not know: at the block's input, so nothing is missed
-    if name.startswith("model.norm."):
+    if names.final_norm and name.startswith(names.final_norm + "."):
         return num_layers, 0, 0
-    if name.startswith("lm_head."):
-        return num_layers, 1, _part(name[len("lm_head"):])
-    if name.startswith("score."):  # a classifier's head, on top like a language model's
+    if name.startswith(names.lm_head + "."):
+        return num_layers, 1, _part(name[len(names.lm_head):])
+    if name.startswith(names.classifier + "."):  # a classifier's head, on top like a language model's
         return num_layers, 1, 0
     return -1, 0, 0  # embeddings, the prompt encoder, anything else: the input
 
@@ -204,7 +204,7 @@ class _Matmul:
 
 def train_flops_per_token(model: nnx.Module, trainable: TrainableFilter, seq_len: int, *,
                           halve_causal: bool = True) -> FlopCount:
-    """Count the FLOPs per input token of a training step of `model` (a prepared `LlamaForCausalLM`: after
+    """Count the FLOPs per input token of a training step of `model` (a prepared `DecoderForCausalLM`: after
     `peft.prepare`) on rows of `seq_len` tokens, with `trainable` saying what trains (module doc).
 
     Only shapes are read, so an abstract model (`nnx.eval_shape`) works too. `halve_causal=False` counts
@@ -251,7 +251,7 @@ def _visible_pairs(length: int, window: int | None, halve_causal: bool) -> float
 
 def _lowest_trainable(model, trainable: TrainableFilter, num_layers: int):
     """The earliest position in the forward pass of a parameter that trains; None when nothing does."""
-    positions = [_position(name, num_layers)
+    positions = [_position(name, num_layers, layout.of(model))
                  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
                  for name in stack.layer_names(path, variable) if trainable.is_trainable(name)]
     return min(positions, default=None)
@@ -264,7 +264,7 @@ def _matmuls(model, trainable: TrainableFilter, num_layers: int, seq_len: int, b
     def add(path, module, attr, size, position=None, tokens=None):
         variable = getattr(module, attr)
         for name in stack.layer_names(tuple(path) + (attr,), variable):
-            pos = _position(name, num_layers) if position is None else position
+            pos = _position(name, num_layers, layout.of(model)) if position is None else position
             rows = tokens if tokens is not None else block_tokens if 0 <= pos[0] < num_layers else seq_len
             trains = isinstance(variable, nnx.Param) and trainable.is_trainable(name)
             out.append(_Matmul(name, size, pos, trains, rows))
@@ -285,7 +285,8 @@ def _matmuls(model, trainable: TrainableFilter, num_layers: int, seq_len: int, b
         elif isinstance(module, BottleneckAdapter):
             add(path, module, "down_kernel", math.prod(module.down_kernel.get_value().shape[-2:]))
             add(path, module, "up_kernel", math.prod(module.up_kernel.get_value().shape[-2:]))
-        elif isinstance(module, (Embed, QuantizedEmbed)) and tied and tuple(path) == ("model", "embed_tokens"):
+        elif (isinstance(module, (Embed, QuantizedEmbed)) and tied
+              and ".".join(map(str, path)) == layout.of(model).embeddings[0]):
             # The lookup is a gather (no FLOPs); tied, the same table is also the head: x @ table^T.
             weight = "embedding" if isinstance(module, Embed) else "codes"
             add(path, module, weight, module.num_embeddings * module.features, position=(num_layers, 1, 0),

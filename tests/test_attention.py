@@ -320,11 +320,11 @@ def test_impossible_requests_are_config_errors(backend, platform, case, message)
 def test_run_log_names_the_step_choices(caplog, method, packing, expected):
     from jaxft import trainer
     from jaxft.config import base_config
-    from jaxft.models.llama import LlamaConfig
+    from jaxft.models import config_from_hf
     caplog.set_level("INFO", logger="jaxft")
     config = base_config()
     config.peft.method, config.data.packing, config.model.remat = method, packing, "full"
-    model_config = LlamaConfig.from_hf(dict(model_type="mistral", vocab_size=64, hidden_size=16, intermediate_size=32,
+    model_config = config_from_hf(dict(model_type="mistral", vocab_size=64, hidden_size=16, intermediate_size=32,
                                             num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
                                             sliding_window=8), layer_loop="scan")
     trainer._log_step_choices(model_config, config)

@@ -12,14 +12,14 @@ import pytest
 from flax import nnx
 
 from jaxft.flops import PEAK_FLOPS, peak_flops, train_flops_per_token
-from jaxft.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxft.models.decoder import DecoderConfig, DecoderForCausalLM
 from jaxft.peft import partial, prompt
 from jaxft.peft.lora import LoRAConfig, apply_lora
 from jaxft.peft.lora import trainable_filter as lora_filter
 from jaxft.peft.quant import quantize_model
 from jaxft.peft.select import TrainableFilter, split_model, uniform_groups
 
-_TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+_TINY = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
 T = 16
 FULL = TrainableFilter(((r".*", True),))
@@ -46,13 +46,13 @@ def _lora(model, rank=4):
 
 
 def test_full_fine_tuning_is_6n_plus_causal_attention():
-    count = train_flops_per_token(LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0)), FULL, T)
+    count = train_flops_per_token(DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0)), FULL, T)
     assert count.computed == count.model_6n == 6 * N + 3 * 2 * ATTENTION
     assert count.forward == 2 * N + 2 * ATTENTION
     assert count.breakdown == dict(matmul_forward=2 * N, attention_forward=2 * ATTENTION, input_grad=2 * N,
                                    weight_grad=2 * N, attention_backward=2 * 2 * ATTENTION)
     # PaLM's appendix B counts every query against every key: the attention terms double.
-    palm = train_flops_per_token(LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0)), FULL, T, halve_causal=False)
+    palm = train_flops_per_token(DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0)), FULL, T, halve_causal=False)
     assert palm.computed == 6 * N + 3 * 2 * 2 * ATTENTION and not palm.halve_causal
 
 
@@ -60,7 +60,7 @@ def test_lora_counts_frozen_weights_4p_except_below_the_first_adapter():
     """LoRA rank 4 on every linear but the head: adapters 6P, frozen weights 4P (the gradient flows down
     through them to the adapters below), except the layer-0 q/k/v kernels and their A matrices, which
     read the embeddings (nothing below them trains): those are forward only, 2P."""
-    model = _lora(LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0)))
+    model = _lora(DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0)))
     # Per layer, A [in, 4] and B [4, out] for q, k, v, o, gate, up, down.
     a = 4 * (32 * 6 + 64)
     b = 4 * (32 + 16 + 16 + 32 + 64 + 64 + 32)
@@ -76,14 +76,14 @@ def test_lora_counts_frozen_weights_4p_except_below_the_first_adapter():
 
 def test_qlora_codes_count_as_their_float_shape():
     """Quantised bases do the same matmuls (dequantised to the compute dtype): the count is LoRA's."""
-    lora = train_flops_per_token(_lora(LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0))), lora_filter(), T)
-    qmodel = _lora(LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0)))
+    lora = train_flops_per_token(_lora(DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0))), lora_filter(), T)
+    qmodel = _lora(DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0)))
     quantize_model(qmodel, "int8")
     assert train_flops_per_token(qmodel, lora_filter(), T) == lora
 
 
 def test_training_the_top_block_runs_the_backward_pass_through_it_and_the_head_only():
-    model = LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0))
+    model = DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0))
     trainable = _top_blocks(1)
     uniform_groups(model, trainable)
     count = train_flops_per_token(model, trainable, T)
@@ -96,7 +96,7 @@ def test_training_the_top_block_runs_the_backward_pass_through_it_and_the_head_o
 def test_prompt_tuning_lengthens_the_blocks_rows_and_counts_per_input_token():
     """8 virtual tokens before 16 input tokens: the blocks run on 24 rows and attend over 24 positions, the
     head reads 16; all per input token. The prompt sits under everything, so every weight is 4P."""
-    model = LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0))
+    model = DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0))
     prompt.apply_prompt_tuning(model, 8, rngs=nnx.Rngs(1))
     count = train_flops_per_token(model, prompt.trainable_filter(), T)
     rows = (T + 8) / T
@@ -107,10 +107,10 @@ def test_prompt_tuning_lengthens_the_blocks_rows_and_counts_per_input_token():
 
 def test_sliding_window_counts_the_pairs_it_sees_and_an_abstract_model_counts_the_same():
     cfg = dataclasses.replace(_TINY, sliding_window=4)
-    count = train_flops_per_token(nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))), FULL, T)
+    count = train_flops_per_token(nnx.eval_shape(lambda: DecoderForCausalLM(cfg, rngs=nnx.Rngs(0))), FULL, T)
     pairs = T * 4 - 4 * 4 / 2  # each query sees min(position + 1, 4) keys
     assert count.breakdown["attention_forward"] == 2 * pairs * 2 * 2 * 8 * 4 / T
-    concrete = train_flops_per_token(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), FULL, T)
+    concrete = train_flops_per_token(DecoderForCausalLM(cfg, rngs=nnx.Rngs(0)), FULL, T)
     assert concrete == count
 
 
@@ -119,7 +119,7 @@ def test_sliding_window_counts_the_pairs_it_sees_and_an_abstract_model_counts_th
 # Wide enough that the matmuls dominate XLA's count (norms, RoPE, softmax, the loss add 1-2% at this width);
 # unrolled, because XLA's cost analysis counts a while loop's (scan's) body once; the dense XLA attention,
 # which computes every (query, key) pair: the unhalved count.
-_WIDE = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+_WIDE = DecoderConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                     num_kv_heads=4, head_dim=32, layer_loop="unroll", attention="xla")
 _ROWS = 32
 
@@ -136,7 +136,7 @@ def test_counts_match_xla_cost_analysis_of_the_compiled_step(method):
     and attention count plus 0-5% of elementwise work: never less (we would be counting matmuls XLA does
     not run, e.g. input gradients below the lowest trained parameter) and never much more (we would be
     missing matmuls)."""
-    model = LlamaForCausalLM(_WIDE, rngs=nnx.Rngs(0))
+    model = DecoderForCausalLM(_WIDE, rngs=nnx.Rngs(0))
     trainable = {"full": FULL, "lora": lora_filter(), "top1": _top_blocks(1)}[method]
     if method == "lora":
         _lora(model, rank=8)

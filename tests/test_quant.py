@@ -13,9 +13,9 @@ from tokenizers import Tokenizer
 
 from jaxft.errors import ConfigError
 from jaxft.models import stack
+from jaxft.models.decoder import DecoderConfig, DecoderForCausalLM
 from jaxft.models.hf import load_pretrained
 from jaxft.models.layers import Linear
-from jaxft.models.llama import LlamaConfig, LlamaForCausalLM
 from jaxft.peft.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules, trainable_filter
 from jaxft.peft.quant import (
     NF4_CODE,
@@ -228,16 +228,16 @@ def test_dora_initialises_from_the_dequantized_kernel():
     np.testing.assert_allclose(np.asarray(dora.lora_magnitude.get_value()), norms, rtol=1e-6)
 
 
-_TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+_TINY = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
 
 
 def test_quantize_model_skips_lm_head_by_name():
-    model = LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0))
+    model = DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0))
     replaced = quantize_model(model, "nf4", block_size=32)
     assert len(replaced) == 2 * 7 and "lm_head" not in replaced
     assert type(model.lm_head) is Linear and isinstance(model.model.layers[0].mlp.down_proj, QuantizedLinear)
-    model = LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0))
+    model = DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0))
     replaced = quantize_model(model, "int8", skip=("lm_head", "mlp.down_proj"))
     assert len(replaced) == 2 * 6 and not any(n.endswith("down_proj") for n in replaced)
 
@@ -247,7 +247,7 @@ def test_quantize_model_reaches_linears_inside_lora_and_trains_them():
 
     Quantising after `apply_lora` replaces each wrapper's `base_layer` (`apply_lora` only wraps plain
     `Linear`s, so it must run first)."""
-    model = LlamaForCausalLM(_TINY, rngs=nnx.Rngs(0))
+    model = DecoderForCausalLM(_TINY, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 64, size=(2, 8)), jnp.int32)
     wrapped = apply_lora(model, LoRAConfig(rank=4), rngs=nnx.Rngs(1))
     replaced = quantize_model(model, "nf4", block_size=32)

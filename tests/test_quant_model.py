@@ -170,13 +170,13 @@ def test_lora_wraps_layers_quantised_at_load_and_dequantize_model_restores_float
 def test_quantised_embeddings_shrink_the_frozen_bytes():
     """On an untied model whose embeddings and head are 60% of it, quantising them is what takes the
     frozen weights under 0.3x their float32 size."""
-    from jaxft.models.llama import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+    from jaxft.models.decoder import DecoderConfig, DecoderForCausalLM
+    cfg = DecoderConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                       num_kv_heads=4, head_dim=32, tie_word_embeddings=False)
-    float32 = _state_bytes(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    float32 = _state_bytes(DecoderForCausalLM(cfg, rngs=nnx.Rngs(0)))
 
     def frozen(embeddings):
-        model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+        model = DecoderForCausalLM(cfg, rngs=nnx.Rngs(0))
         quantize_model(model, QuantSpec("nf4", embeddings=embeddings, skip=() if embeddings else ("lm_head",)))
         return _state_bytes(model), weight_bytes(model)
 

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from jaxft.models import stack
+from jaxft.models.decoder import DecoderConfig, DecoderForCausalLM
 from jaxft.models.hf import load_pretrained
-from jaxft.models.llama import LlamaConfig, LlamaForCausalLM
 from jaxft.peft.lora import LoRAConfig, apply_lora, lora_modules, trainable_filter
 from jaxft.peft.partial import partial_filter
 from jaxft.peft.select import split_model, uniform_groups
@@ -77,9 +77,9 @@ def test_scan_equals_unroll_logits_and_gradients(qwen2_mixed_windows, remat):
 
 
 def _dots_in_step(num_layers: int, loop: str) -> int:
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=num_layers, num_heads=4,
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=num_layers, num_heads=4,
                       num_kv_heads=2, head_dim=8, layer_loop=loop)
-    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    model = DecoderForCausalLM(cfg, rngs=nnx.Rngs(0))
     apply_lora(model, LoRAConfig(rank=4), rngs=nnx.Rngs(1))
     graphdef, params, frozen = split_model(model, trainable_filter())
     ids = jnp.zeros((2, 16), jnp.int32)

@@ -48,3 +48,10 @@ def test_the_verdict_is_written_beside_the_adapter_with_a_command(tmp_path):
     assert json.loads((tmp_path / "vllm.json").read_text()) == verdict
     assert verdict["command"] == (f"vllm serve /models/base --enable-lora --max-lora-rank 16 "
                                   f"--lora-modules adapter={tmp_path.absolute()}")
+
+
+def test_a_base_whose_vllm_model_takes_no_lora_is_named():
+    gpt2 = lora_adapter_config(LoRAConfig(rank=8), ["transformer.h.0.attn.c_attn"], "/models/gpt2")
+    verdict = vllm_verdict(gpt2, "gpt2")
+    assert not verdict["servable"] and "GPT-2" in verdict["why_not"][0] and "export.merged" in verdict["why_not"][0]
+    assert vllm_verdict(_lora(), "gemma2")["servable"] and vllm_verdict(_lora(), "phi3")["servable"]

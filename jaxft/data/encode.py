@@ -70,16 +70,18 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
-def _batch_encoder(tokenizer):
-    """texts -> token id lists without special tokens; straight to the Rust tokenizer where there is one.
+def _batch_encoder(tokenizer, special_tokens: bool = False):
+    """texts -> token id lists, without special tokens unless `special_tokens` (then each text as
+    `tokenizer(text)` gives it: BOS, or an encoder's [CLS] ... [SEP]); straight to the Rust tokenizer where there
+    is one.
 
     `tokenizer(texts)` gives the same ids but builds a Python encoding object per text
     first, about a fifth of the encoding time on short rows.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
-        return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=special_tokens)]
+    return lambda texts: tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
 
 
 class Encoder:
@@ -89,9 +91,11 @@ class Encoder:
         cfg = types.SimpleNamespace(**cfg.to_dict())  # read per row: plain attributes, not ConfigDict lookups
         self.source, self.tokenizer, self.cfg, self.seq_len = source, tokenizer, cfg, seq_len
         self.render = make_renderer(fmt, cfg, tokenizer, label_names, head)
-        self.token_ids = _batch_encoder(tokenizer)
+        # A classification head reads each row as the tokenizer gives it at inference, special tokens and all
+        # (an encoder's [CLS] text [SEP]; a decoder's BOS where its tokenizer adds one).
+        self.token_ids = _batch_encoder(tokenizer, special_tokens=head)
         add_bos = tokenizer_adds_bos(tokenizer) if cfg.add_bos is None else cfg.add_bos
-        self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        self.bos = [tokenizer.bos_token_id] if add_bos and not head and tokenizer.bos_token_id is not None else []
         self.eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
         self.seen: set[bytes] = set()
         self.dropped = collections.Counter()

@@ -5,7 +5,7 @@
 
 The model is any jaxft causal LM with any fine-tuning method applied (LoRA/DoRA merged or not,
 QLoRA, adapters, prompt tuning, partial or full): decoding runs the model's own blocks
-(`LlamaForCausalLM.cached_hidden_states`), so training and generation share one attention and
+(`DecoderForCausalLM.cached_hidden_states`), so training and generation share one attention and
 RoPE. Prompts are left-padded into one batch; their padding is never attended to and does
 not shift positions. The cache is allocated once for prompt + `max_new_tokens`, the loop is a
 `lax.while_loop` that stops when every row has stopped, and nothing recompiles per token.

@@ -1,33 +1,44 @@
 """Model families and the HF <-> NNX bridge.
 
-`FAMILIES` maps a HF `config.json` `model_type` to the module that implements
-it; every family module exposes `<Name>Config.from_hf(dict, **overrides)` and a
-causal-LM class taking `(config, rngs=...)`.
+`FAMILIES` maps a HF `config.json` `model_type` to its `Family`: the family module's
+`from_hf(dict, **overrides)` and the model class taking `(config, rngs=...)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
+    """A model family: `from_hf(config_json_dict, **overrides)` gives its config, `model_cls(config, rngs=...)`
+    builds the model."""
+
     name: str
-    config_cls: Any
+    from_hf: Callable[..., Any]
     model_cls: Any
+    # An encoder (BERT, RoBERTa) has no language-model head: it trains as a sequence classifier only.
+    encoder: bool = False
 
 
-from jaxft.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from jaxft.models import bert, gemma, gpt2, llama, phi3  # noqa: E402
+from jaxft.models.decoder import DecoderConfig, DecoderForCausalLM  # noqa: E402
 
-_llama = Family("llama", LlamaConfig, LlamaForCausalLM)
 
-# HF model_type -> family. Llama, Mistral, Qwen2 and Qwen3 share one implementation.
+def _decoders(module, name: str) -> dict[str, Family]:
+    family = Family(name, module.from_hf, DecoderForCausalLM)
+    return {model_type: family for model_type in module.MODEL_TYPES}
+
+
+# HF model_type -> family.
 FAMILIES: dict[str, Family] = {
-    "llama": _llama,
-    "mistral": _llama,
-    "qwen2": _llama,
-    "qwen3": _llama,
+    **_decoders(llama, "llama"),  # Llama, Mistral, Qwen2, Qwen3
+    **_decoders(gemma, "gemma"),  # Gemma 1, 2, 3 (text)
+    **_decoders(phi3, "phi3"),
+    "gpt2": Family("gpt2", gpt2.from_hf, gpt2.GPT2LMHeadModel),  # learned positions, Conv1D weights
+    **{model_type: Family(model_type, bert.from_hf, cls, encoder=True)  # BERT, RoBERTa: classifiers only
+       for model_type, cls in bert.MODEL_CLASSES.items()},
 }
 
 
@@ -57,8 +68,8 @@ __all__ = [
     "FAMILIES",
     "Family",
     "get_family",
-    "LlamaConfig",
-    "LlamaForCausalLM",
+    "DecoderConfig",
+    "DecoderForCausalLM",
     "Linear",
     "Embed",
     "RMSNorm",

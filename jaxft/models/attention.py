@@ -75,9 +75,10 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def attention(q, k, v, *, scale: float, backend: str = "auto", causal: bool = True, window: int | None = None,
-              segment_ids=None, kv_mask=None, kv_lengths=None, dense_mask=None, platform: str | None = None,
-              interpret: bool | None = None) -> jax.Array:
+              segment_ids=None, kv_mask=None, kv_lengths=None, dense_mask=None, softcap: float | None = None,
+              platform: str | None = None, interpret: bool | None = None) -> jax.Array:
     """Softmax(q k^T * scale) v for q `[B, T, H, D]`, k/v `[B, S, K, D]`; `[B, T, H, D]` in q's dtype.
+    `softcap`: the scores become `softcap * tanh(scores / softcap)` before masking (Gemma 2).
 
     The masking arguments and backends are described in the module docstring. `platform`
     ("cpu", "tpu", "cuda"; default: JAX's default backend) is where the call will run, for
@@ -95,21 +96,21 @@ def attention(q, k, v, *, scale: float, backend: str = "auto", causal: bool = Tr
     chosen, reason = explain_backend(
         backend, platform, dtype=q.dtype, head_dim=d, causal=causal, window=window,
         has_segment_ids=segment_ids is not None, has_kv_mask=kv_mask is not None,
-        has_dense_mask=dense_mask is not None)
+        has_dense_mask=dense_mask is not None, has_softcap=softcap is not None)
     if reason.startswith(("splash ", "cudnn ")):  # a kernel asked for (or auto's choice) cannot take this case
         _log_fallback(backend, chosen, reason)
 
     if chosen == "splash":
         interpret = (platform == "cpu") if interpret is None else interpret
         return _splash(q, k, v, scale=scale, causal=causal, window=window, segment_ids=segment_ids,
-                       kv_mask=kv_mask, kv_lengths=kv_lengths, interpret=interpret)
+                       kv_mask=kv_mask, kv_lengths=kv_lengths, softcap=softcap, interpret=interpret)
     if chosen == "cudnn":
         return _cudnn(q, k, v, scale=scale, causal=causal, window=window, kv_lengths=kv_lengths)
     mask = dense_mask if dense_mask is not None else visibility_mask(
         b, t, s, causal=causal, window=window, segment_ids=segment_ids, kv_mask=kv_mask, kv_lengths=kv_lengths)
     if chosen == "chunked":
-        return _chunked(q, k, v, mask, scale=scale, causal=causal)
-    return _xla(q, k, v, mask, scale=scale)
+        return _chunked(q, k, v, mask, scale=scale, causal=causal, softcap=softcap)
+    return _xla(q, k, v, mask, scale=scale, softcap=softcap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +127,12 @@ class Visibility:
     kv_lengths: jax.Array | None = None
     dense_masks: tuple | None = None  # one [B, 1, T, S] mask per window: patterns no argument above expresses
 
-    def attend(self, q, k, v, *, scale: float, window_index=None) -> jax.Array:
+    def attend(self, q, k, v, *, scale: float, window_index=None, softcap: float | None = None) -> jax.Array:
         """Causal self-attention of q `[B, T, H, D]` over k, v `[B, T, K, D]` with this batch's visibility and
         the window `windows[window_index]` (the only one when there is one)."""
         def with_window(i):
-            return functools.partial(attention, scale=scale, backend=self.backend, window=self.windows[i],
+            return functools.partial(attention, scale=scale, softcap=softcap, backend=self.backend,
+                                     window=self.windows[i],
                                      segment_ids=self.segment_ids, kv_mask=self.kv_mask, kv_lengths=self.kv_lengths,
                                      dense_mask=None if self.dense_masks is None else self.dense_masks[i])
         if len(self.windows) == 1:
@@ -138,11 +140,12 @@ class Visibility:
         return jax.lax.switch(window_index, [with_window(i) for i in range(len(self.windows))], q, k, v)
 
 
-    def attend_cache(self, q, keys, values, *, scale: float, window_index=None) -> jax.Array:
+    def attend_cache(self, q, keys, values, *, scale: float, window_index=None,
+                     softcap: float | None = None) -> jax.Array:
         """q `[B, T, H, D]` against a KV cache's keys and values `[B, K, slots, D]` (jaxft/models/kv_cache.py),
         what each query sees given by `dense_masks` (one per window)."""
         def with_window(i):
-            return functools.partial(cached_attention, mask=self.dense_masks[i], scale=scale)
+            return functools.partial(cached_attention, mask=self.dense_masks[i], scale=scale, softcap=softcap)
         if len(self.windows) == 1:
             return with_window(0)(q, keys, values)
         return jax.lax.switch(window_index, [with_window(i) for i in range(len(self.windows))], q, keys, values)
@@ -153,7 +156,8 @@ class Visibility:
 
 def explain_backend(backend: str = "auto", platform: str | None = None, *, dtype=jnp.bfloat16, head_dim: int = 128,
                     causal: bool = True, window: int | None = None, has_segment_ids: bool = False,
-                    has_kv_mask: bool = False, has_dense_mask: bool = False) -> tuple[str, str]:
+                    has_kv_mask: bool = False, has_dense_mask: bool = False,
+                    has_softcap: bool = False) -> tuple[str, str]:
     """(the backend that computes this case, why), for `backend` asked on `platform` (default: JAX's).
 
     The case is what `attention` would be called with: q's dtype, the head dim, and which
@@ -177,7 +181,7 @@ def explain_backend(backend: str = "auto", platform: str | None = None, *, dtype
         if backend == "cudnn" and platform == "tpu":
             raise ConfigError("attention backend 'cudnn' runs on NVIDIA GPUs, not on a TPU; use 'auto' (or 'splash').")
         why_not = _cudnn_refuses(platform, dtype, head_dim, causal, window, has_segment_ids, has_kv_mask,
-                                 has_dense_mask)
+                                 has_dense_mask, has_softcap)
         if why_not is None:
             return "cudnn", "asked for" if backend == "cudnn" else "auto on an NVIDIA GPU"
         return "xla", f"cudnn {why_not}"
@@ -201,7 +205,7 @@ def _splash_refuses(platform: str, has_dense_mask: bool) -> str | None:
 
 
 def _cudnn_refuses(platform, dtype, head_dim, causal, window, has_segment_ids, has_kv_mask,
-                   has_dense_mask) -> str | None:
+                   has_dense_mask, has_softcap=False) -> str | None:
     if platform != "cuda":
         return f"needs an NVIDIA GPU (this is {platform})"
     if jnp.dtype(dtype) not in map(jnp.dtype, _CUDNN_DTYPES):
@@ -210,6 +214,8 @@ def _cudnn_refuses(platform, dtype, head_dim, causal, window, has_segment_ids, h
         return f"takes head dims that are multiples of 8 up to {_cudnn_max_head_dim()}, not {head_dim}"
     if has_dense_mask:
         return "takes no dense mask"
+    if has_softcap:
+        return "takes no score soft-capping (Gemma 2)"
     if has_segment_ids:
         return "takes no segment ids (packed rows)"
     if has_kv_mask:
@@ -289,31 +295,32 @@ def visibility_mask(batch: int, q_len: int, kv_len: int, *, causal: bool = True,
     return mask[:, None]
 
 
-def _xla(q, k, v, mask, *, scale):
+def _xla(q, k, v, mask, *, scale, softcap=None):
     """The reference: scores for every (query, key) pair in float32, masked, softmaxed, one einsum a side."""
-    return _softmax_attention(q, k, v, mask, scale, kv_layout="bskd")
+    return _softmax_attention(q, k, v, mask, scale, kv_layout="bskd", softcap=softcap)
 
 
-def cached_attention(q, keys, values, *, mask, scale):
+def cached_attention(q, keys, values, *, mask, scale, softcap=None):
     """`_xla`'s computation for keys and values laid out `[B, K, S, D]`, as a KV cache holds them (decoding):
     the dots read that layout as it is, where `[B, S, K, D]` made XLA copy every layer's cache every token."""
-    return _softmax_attention(q, keys, values, mask, scale, kv_layout="bksd")
+    return _softmax_attention(q, keys, values, mask, scale, kv_layout="bksd", softcap=softcap)
 
 
-def _softmax_attention(q, k, v, mask, scale, *, kv_layout: str):
+def _softmax_attention(q, k, v, mask, scale, *, kv_layout: str, softcap=None):
     """q `[B, T, H, D]`, k/v laid out as `kv_layout` says (einsum letters: b batch, s keys, k kv heads, d)."""
     b, t, h, d = q.shape
     kv_heads = k.shape[kv_layout.index("k")]
     # The query heads sharing a kv head are an axis of their own, so k/v are read, never repeated.
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = _capped(jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32) * scale,
+                     softcap)
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)  # [B, 1, T, S] -> [B, 1, 1, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def _chunked(q, k, v, mask, *, scale, causal):
+def _chunked(q, k, v, mask, *, scale, causal, softcap=None):
     """Grouped-query attention as 4-D products, in query chunks whose keys above the causal diagonal are
     skipped instead of computed and masked (`causal` promises the mask never shows a later key).
 
@@ -333,7 +340,7 @@ def _chunked(q, k, v, mask, *, scale, causal):
         # Queries [start, start + chunk) can only see keys before start + chunk.
         end = start + chunk if causal else k.shape[2]
         outs.append(_attend_chunk(q[:, :, :, start:start + chunk], k[:, :, :end], v[:, :, :end],
-                                  mask[:, :, start:start + chunk, :end], scale))
+                                  mask[:, :, start:start + chunk, :end], scale, softcap))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
@@ -343,15 +350,19 @@ def _causal_chunk(t: int, s: int, target: int = 64) -> int:
     return target if t == s and t % target == 0 and t >= 2 * target else t
 
 
-def _attend_chunk(q, k, v, mask, scale):
+def _attend_chunk(q, k, v, mask, scale, softcap=None):
     """q `[B, K, G, C, D]`, k/v `[B, K, S, D]`, mask `[B, 1, C, S]` -> `[B, K, G, C, D]`."""
     b, kv_heads, groups, c, d = q.shape
     rows = q.reshape(b, kv_heads, groups * c, d)
-    scores = jnp.einsum("bkrd,bksd->bkrs", rows, k, preferred_element_type=jnp.float32) * scale
+    scores = _capped(jnp.einsum("bkrd,bksd->bkrs", rows, k, preferred_element_type=jnp.float32) * scale, softcap)
     row_mask = jnp.tile(mask, (1, 1, groups, 1))  # [B, 1, G*C, S]: row g*C + i is query i
     scores = jnp.where(row_mask, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kv_heads, groups, c, d)
+
+
+def _capped(scores, softcap):
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
 # ----------------------------------------------------------------------------- cuDNN
@@ -377,14 +388,14 @@ def _cudnn(q, k, v, *, scale, causal, window, kv_lengths, implementation="cudnn"
 # ----------------------------------------------------------------------------- splash (TPU)
 
 
-def _splash(q, k, v, *, scale, causal, window, segment_ids, kv_mask, kv_lengths, interpret):
+def _splash(q, k, v, *, scale, causal, window, segment_ids, kv_mask, kv_lengths, interpret, softcap=None):
     """The splash kernel over the batch, per device on a mesh (see the module docstring)."""
     b, t, h, _ = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     seg_q, seg_kv = _splash_segments(b, t, s, causal, segment_ids, kv_mask, kv_lengths)
     # splash does not scale the scores: scaling q is the same product, and its gradient flows back.
     q = (q * jnp.asarray(scale, jnp.float32)).astype(q.dtype)
-    local = functools.partial(_splash_local, causal=causal, window=window, interpret=interpret)
+    local = functools.partial(_splash_local, causal=causal, window=window, interpret=interpret, softcap=softcap)
     mesh = sharding.active_mesh()
     if mesh is None:
         return local(q, k, v, seg_q, seg_kv)
@@ -420,7 +431,7 @@ def _splash_segments(b, t, s, causal, segment_ids, kv_mask, kv_lengths):
     return (kv if self_attention else jnp.ones((b, t), jnp.int32)), kv
 
 
-def _splash_local(q, k, v, seg_q, seg_kv, *, causal, window, interpret):
+def _splash_local(q, k, v, seg_q, seg_kv, *, causal, window, interpret, softcap=None):
     """The kernel on one device's rows: q `[B, T, H, D]` (already scaled), k/v `[B, S, K, D]`."""
     b, t, h, d = q.shape
     s = k.shape[1]
@@ -437,7 +448,7 @@ def _splash_local(q, k, v, seg_q, seg_kv, *, causal, window, interpret):
     q = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, t_pad - t), (0, 0)))
     k = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, s_pad - s), (0, 0)))
     v = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, s_pad - s), (0, 0)))
-    kernel = _splash_kernel(h, t_pad, s_pad, causal, window, interpret)
+    kernel = _splash_kernel(h, t_pad, s_pad, causal, window, interpret, softcap)
     if seg_q is None:
         out = jax.vmap(kernel)(q, k, v)
     else:
@@ -445,7 +456,8 @@ def _splash_local(q, k, v, seg_q, seg_kv, *, causal, window, interpret):
     return out[:, :, :t].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _splash_kernel(heads: int, t: int, s: int, causal: bool, window: int | None, interpret: bool):
+def _splash_kernel(heads: int, t: int, s: int, causal: bool, window: int | None, interpret: bool,
+                   softcap: float | None = None):
     """A splash MHA kernel for `heads` query heads over a `[t, s]` mask; grouped kv heads are mapped by the
     kernel itself (q head h reads kv head h // (H / K)). Built per trace (its mask tables are arrays of that
     trace); the costly part, the block analysis of the mask, is cached by splash on the mask's value."""
@@ -461,7 +473,7 @@ def _splash_kernel(heads: int, t: int, s: int, causal: bool, window: int | None,
                                block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                                block_q_dq=block_q, block_kv_dq=block_kv)
     return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+                                  q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret)
 
 
 def _splash_block(n: int) -> int:

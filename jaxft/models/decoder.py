@@ -1,10 +1,12 @@
-"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2 and Qwen3 in one module.
+"""The pre-norm rotary decoder every causal-LM family here is built from: Llama, Mistral, Qwen2/3 (llama.py),
+Gemma 1/2/3 (gemma.py), Phi-3 (phi3.py).
 
-They are one architecture (pre-norm decoder, RMSNorm, rotary attention with
-grouped-query heads, SwiGLU MLP) that differ in a few switches, all in
-`LlamaConfig`: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
-head_dim (Qwen3), a sliding attention window (Mistral, optionally Qwen2/3),
-RoPE scaling (Llama 3.1+), tied embeddings (Llama 3.2 1B/3B, small Qwens).
+They share one architecture (token embedding, blocks of rotary self-attention with grouped-query heads and a
+gated MLP, a final norm, an output head) and differ in switches, all in `DecoderConfig`: q/k/v biases, per-head
+q/k norms, sliding windows per layer, RoPE scaling and partial rotation, the MLP's activation, norms scaled by
+`1 + w` (Gemma), extra norms around attention and MLP (Gemma 2/3), score and logit soft-capping (Gemma 2),
+scaled embeddings (Gemma), fused q/k/v and gate/up projections (Phi-3). A family file turns a HF config.json
+into a `DecoderConfig`; nothing model-specific lives here.
 
 Attribute names mirror the HF module names, so a parameter's NNX path reads
 like its HF name (`model.layers[0].self_attn.q_proj.kernel` <->
@@ -26,36 +28,19 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from jaxft.errors import ConfigError, ModelLoadError
-from jaxft.models import kv_cache, stack
+from jaxft.models import kv_cache, layout, stack
 from jaxft.models.attention import ATTENTION_BACKENDS, Visibility
-from jaxft.models.layers import (
-    ROPE_TYPES,
-    Embed,
-    Linear,
-    RMSNorm,
-    apply_rope,
-    rope_cos_sin,
-    rope_inv_freq,
-)
+from jaxft.models.heads import CausalLMHeads
+from jaxft.models.layers import ACTIVATIONS, ROPE_TYPES, Embed, Linear, RMSNorm, Rope, apply_rope
 from jaxft.sharding import constrain
-
-# HF's per-family defaults for keys a config.json may leave out, and the
-# family's fixed architecture switches.
-_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048),
-    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=4096 * 32),
-    "qwen2": dict(rms_norm_eps=1e-6, max_position_embeddings=32768),
-    "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=32768),
-}
-MODEL_TYPES = tuple(_FAMILY_DEFAULTS)
 
 # The layout of the residual stream between blocks (names in jaxft/sharding.py RULES).
 _ACTIVATION_AXES = ("batch", "length", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Architecture and precision of a Llama-family model.
+class DecoderConfig:
+    """Architecture and precision of a decoder (module doc); a family's `from_hf` fills it from config.json.
 
     Hashable (it is static model structure under `jax.jit`): `rope_scaling` is
     kept as a `FrozenDict`, `layer_types` as a tuple.
@@ -77,12 +62,25 @@ class LlamaConfig:
     attention_bias: bool = False  # bias on q/k/v projections
     o_bias: bool = False  # bias on o_proj (Llama's attention_bias covers it; Qwen2's does not)
     mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k, before RoPE
     sliding_window: int | None = None
-    # Per-layer "full_attention" | "sliding_attention" (Qwen2/3); None = every
-    # layer uses `sliding_window` when it is set (Mistral).
+    # Per-layer "full_attention" | "sliding_attention" (Qwen2/3, Gemma 2/3); None = every
+    # layer uses `sliding_window` when it is set (Mistral, Phi-3).
     layer_types: tuple[str, ...] | None = None
     model_type: str = "llama"
+    hidden_act: str = "silu"  # the gated MLP's activation (layers.ACTIVATIONS)
+    norm_offset: float = 0.0  # RMSNorms scale by offset + weight: 1 for Gemma (layers.RMSNorm)
+    # Gemma multiplies token embeddings by sqrt(hidden_size), inside its embedding module (transformers 5), so
+    # the prompt-tuning virtual tokens PEFT passes as input embeddings are not scaled.
+    embed_scale: bool = False
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and MLP too, and one before the MLP
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: scores scaled by this ** -0.5, not head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # Gemma 2: scores soft-capped by tanh
+    final_logit_softcap: float | None = None  # Gemma 2: logits soft-capped by tanh
+    local_rope_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (no scaling)
+    partial_rotary_factor: float = 1.0  # the fraction of each head's dimensions RoPE rotates (Phi)
+    fused_qkv: bool = False  # Phi-3: one `qkv_proj` for q, k and v
+    fused_gate_up: bool = False  # Phi-3: one `gate_up_proj`, gate first
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     # What the backward pass recomputes instead of keeping, per decoder block (stack.REMAT_NAMES):
@@ -107,6 +105,9 @@ class LlamaConfig:
             raise ConfigError(f"attention={self.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
         if self.layer_loop not in stack.LOOPS:
             raise ConfigError(f"layer_loop={self.layer_loop!r}; choose one of {', '.join(stack.LOOPS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; supported: "
+                              f"{', '.join(ACTIVATIONS)}")
         if self.rope_scaling is not None:
             set_("rope_scaling", FrozenDict(self.rope_scaling))
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -133,122 +134,105 @@ class LlamaConfig:
             return self.sliding_window
         return None
 
-    @classmethod
-    def from_hf(cls, hf_config: Mapping[str, Any], **overrides) -> "LlamaConfig":
-        """Build from a HF `config.json` dict (transformers 4.x or 5.x layout).
+    def rope(self, window: int | None) -> Rope:
+        """The rotary embedding of the layers with this sliding window (Gemma 3's local layers have their own)."""
+        dim = int(self.head_dim * self.partial_rotary_factor)
+        if window is not None and self.local_rope_theta is not None:
+            return Rope(dim, self.local_rope_theta)
+        return Rope(dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings)
 
-        4.x keeps `rope_theta` and `rope_scaling` at the top level; 5.x nests
-        both in `rope_parameters`. `overrides` replace fields afterwards
-        (e.g. `dtype=jnp.bfloat16, remat=True`).
-        """
-        hf = dict(hf_config)
-        model_type = hf.get("model_type", "llama")
-        if model_type not in _FAMILY_DEFAULTS:
-            raise ModelLoadError(
-                f"model_type {model_type!r} is not a Llama-family model; "
-                f"supported: {', '.join(MODEL_TYPES)}"
-            )
-        defaults = _FAMILY_DEFAULTS[model_type]
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ModelLoadError(f"hidden_act {act!r} is not supported; supported: 'silu'")
-
-        # RoPE: 5.x `rope_parameters` holds theta and the scaling; 4.x splits them.
-        rope_params = dict(hf.get("rope_parameters") or {})
-        rope_theta = rope_params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        if not rope_params:
-            rope_params = dict(hf.get("rope_scaling") or {})
-        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
-        if rope_type not in ROPE_TYPES:
-            raise ModelLoadError(
-                f"rope type {rope_type!r} in {model_type} config is not supported; "
-                f"supported: {', '.join(ROPE_TYPES)}"
-            )
-        rope_scaling = None
-        if rope_type != "default":
-            rope_scaling = {k: v for k, v in rope_params.items() if k != "type"}
-            rope_scaling["rope_type"] = rope_type
-            if rope_type == "llama3":
-                rope_scaling.setdefault(
-                    "original_max_position_embeddings",
-                    hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")),
-                )
-
-        num_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-
-        if model_type == "qwen2":
-            attention_bias, o_bias = True, False
-        elif model_type == "mistral":
-            attention_bias = o_bias = False
-        else:  # llama, qwen3: attention_bias covers o_proj too
-            attention_bias = o_bias = bool(hf.get("attention_bias", False))
-
-        sliding_window, layer_types = None, None
-        if model_type == "mistral":
-            sliding_window = hf.get("sliding_window")
-        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
-            sliding_window = hf.get("sliding_window")
-            layer_types = hf.get("layer_types") or [
-                "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-                for i in range(hf["num_hidden_layers"])
-            ]
-
-        fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get(
-                "max_position_embeddings", defaults["max_position_embeddings"]
-            ),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=attention_bias,
-            o_bias=o_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
-            qk_norm=model_type == "qwen3",
-            sliding_window=sliding_window,
-            layer_types=tuple(layer_types) if layer_types else None,
-            model_type=model_type,
-        )
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(
-                f"unknown LlamaConfig override(s) {sorted(unknown)}; "
-                f"valid: {sorted(f.name for f in dataclasses.fields(cls))}"
-            )
-        if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
-            fields["num_labels"] = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
-        fields.update(overrides)
-        return cls(**fields)
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
-def _dense(cfg: LlamaConfig, n_in, n_out, bias, axes, rngs) -> Linear:
+# ----------------------------------------------------------------------------- from a HF config.json
+
+
+def rope_from_hf(hf: Mapping[str, Any], parameters: Mapping[str, Any] | None = None) -> tuple[float, dict | None]:
+    """`(theta, scaling)` from a HF config (transformers 4.x or 5.x layout): 5.x nests both in
+    `rope_parameters` (or `parameters`, when a family keeps one set per layer type); 4.x keeps `rope_theta` and
+    `rope_scaling` at the top level. `scaling` is None for plain RoPE."""
+    params = dict(parameters if parameters is not None else hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    params.pop("partial_rotary_factor", None)
+    if not params:
+        params = dict(hf.get("rope_scaling") or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ModelLoadError(f"rope type {rope_type!r} in {hf.get('model_type')} config is not supported; "
+                             f"supported: {', '.join(ROPE_TYPES)}")
+    if rope_type == "default":
+        return float(theta), None
+    scaling = {k: v for k, v in params.items() if k != "type"}
+    scaling["rope_type"] = rope_type
+    if rope_type in ("llama3", "longrope"):
+        scaling.setdefault("original_max_position_embeddings",
+                           hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+    return float(theta), scaling
+
+
+def build_config(hf: Mapping[str, Any], fields: dict, overrides: Mapping[str, Any]) -> DecoderConfig:
+    """The `DecoderConfig` of `fields` (what a family read from config.json), a sequence classifier when the
+    checkpoint is one, with `overrides` (e.g. `dtype=jnp.bfloat16, remat="full"`) replacing fields last."""
+    valid = {f.name for f in dataclasses.fields(DecoderConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise ConfigError(f"unknown DecoderConfig override(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+        fields["num_labels"] = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
+    return DecoderConfig(**{**fields, **overrides})
+
+
+def shape_fields(hf: Mapping[str, Any], default_head_dim: int | None = None) -> dict:
+    """The sizes every decoder config.json gives the same way: vocabulary, widths, depth, heads. `head_dim`
+    defaults to hidden_size / heads unless the family has a default of its own (Gemma: 256)."""
+    num_heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or default_head_dim or hf["hidden_size"] // num_heads,
+    )
+
+
+def check_activation(hf: Mapping[str, Any], key: str, default: str) -> str:
+    act = hf.get(key) or default
+    if act not in ACTIVATIONS:
+        raise ModelLoadError(f"{key} {act!r} in {hf.get('model_type')} config is not supported; supported: "
+                             f"{', '.join(ACTIVATIONS)}")
+    return act
+
+
+def _dense(cfg: DecoderConfig, n_in, n_out, bias, axes, rngs) -> Linear:
     return Linear(
         n_in, n_out, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, axes=axes, rngs=rngs
     )
 
 
-def _norm(cfg: LlamaConfig, dim: int, rngs) -> RMSNorm:
-    return RMSNorm(dim, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+def _norm(cfg: DecoderConfig, dim: int, rngs) -> RMSNorm:
+    return RMSNorm(dim, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                   rngs=rngs)
 
 
-class LlamaAttention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+class DecoderAttention(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
+        self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcap
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = _dense(cfg, cfg.hidden_size, q_dim, bias, ("embed", "heads"), rngs)
-        self.k_proj = _dense(cfg, cfg.hidden_size, kv_dim, bias, ("embed", "kv_heads"), rngs)
-        self.v_proj = _dense(cfg, cfg.hidden_size, kv_dim, bias, ("embed", "kv_heads"), rngs)
+        if cfg.fused_qkv:  # Phi-3: q, k and v are slices of one projection's output
+            self.qkv_proj = _dense(cfg, cfg.hidden_size, q_dim + 2 * kv_dim, bias, ("embed", "heads"), rngs)
+        else:
+            self.q_proj = _dense(cfg, cfg.hidden_size, q_dim, bias, ("embed", "heads"), rngs)
+            self.k_proj = _dense(cfg, cfg.hidden_size, kv_dim, bias, ("embed", "kv_heads"), rngs)
+            self.v_proj = _dense(cfg, cfg.hidden_size, kv_dim, bias, ("embed", "kv_heads"), rngs)
         self.o_proj = _dense(cfg, q_dim, cfg.hidden_size, cfg.o_bias, ("heads", "embed"), rngs)
         if cfg.qk_norm:
             self.q_norm = _norm(cfg, cfg.head_dim, rngs)
@@ -256,71 +240,104 @@ class LlamaAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def _qkv(self, x):
+        if not hasattr(self, "qkv_proj"):
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = self.qkv_proj(x)
+        return qkv[..., :q_dim], qkv[..., q_dim:q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
+
     def __call__(self, x, cos, sin, visibility: Visibility, window_index=None, cache=None, cache_index=None):
         """The attention output for `x` `[B, T, hidden]`. With `cache` (this layer's keys and values
         `[B, K, slots, D]`, jaxft/models/kv_cache.py) the new keys and values are written at slots
         `[cache_index, cache_index + T)` and the queries attend over the cache: returns `(out, cache)`."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
+        q, k, v = self._qkv(x)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 and Gemma 3 normalise each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = visibility.attend(q, k, v, scale=self.head_dim**-0.5, window_index=window_index)
+            out = visibility.attend(q, k, v, scale=self.scale, window_index=window_index, softcap=self.softcap)
         else:
             cache = kv_cache.write(*cache, k, v, cache_index)
-            out = visibility.attend_cache(q, *cache, scale=self.head_dim**-0.5, window_index=window_index)
+            out = visibility.attend_cache(q, *cache, scale=self.scale, window_index=window_index,
+                                          softcap=self.softcap)
         out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         return out if cache is None else (out, cache)
 
 
-class LlamaMLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+class DecoderMLP(nnx.Module):
+    """`down(act(gate(x)) * up(x))`: SwiGLU with silu (Llama), GeGLU with gelu (Gemma)."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         h, m, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = _dense(cfg, h, m, bias, ("embed", "mlp"), rngs)
-        self.up_proj = _dense(cfg, h, m, bias, ("embed", "mlp"), rngs)
+        self.act = cfg.hidden_act
+        if cfg.fused_gate_up:  # Phi-3: gate and up are the two halves of one projection's output
+            self.gate_up_proj = _dense(cfg, h, 2 * m, bias, ("embed", "mlp"), rngs)
+        else:
+            self.gate_proj = _dense(cfg, h, m, bias, ("embed", "mlp"), rngs)
+            self.up_proj = _dense(cfg, h, m, bias, ("embed", "mlp"), rngs)
         self.down_proj = _dense(cfg, m, h, bias, ("mlp", "embed"), rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ACTIVATIONS[self.act](gate) * up)
 
 
-class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.self_attn = LlamaAttention(cfg, rngs=rngs)
-        self.mlp = LlamaMLP(cfg, rngs=rngs)
+class DecoderLayer(nnx.Module):
+    """A pre-norm block. With `sandwich_norms` (Gemma 2/3) the attention and MLP outputs are normed too before
+    they join the residual stream: `post_attention_layernorm` norms the attention output there, and
+    `pre_feedforward_layernorm` is the MLP's input norm (which `post_attention_layernorm` is elsewhere)."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.self_attn = DecoderAttention(cfg, rngs=rngs)
+        self.mlp = DecoderMLP(cfg, rngs=rngs)
         self.input_layernorm = _norm(cfg, cfg.hidden_size, rngs)
         self.post_attention_layernorm = _norm(cfg, cfg.hidden_size, rngs)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = _norm(cfg, cfg.hidden_size, rngs)
+            self.post_feedforward_layernorm = _norm(cfg, cfg.hidden_size, rngs)
+        self.sandwich = cfg.sandwich_norms
 
     def __call__(self, x, cos, sin, visibility: Visibility, window_index=None, cache=None, cache_index=None):
-        """The block's output; with a `cache`, `(output, cache)` (see `LlamaAttention`)."""
+        """The block's output; with a `cache`, `(output, cache)` (see `DecoderAttention`)."""
         attended = self.self_attn(self.input_layernorm(x), cos, sin, visibility, window_index, cache, cache_index)
         if cache is not None:
             attended, cache = attended
-        x = x + attended
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attended)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + attended
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return x if cache is None else (x, cache)
 
 
-class LlamaModel(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+class DecoderModel(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
         # One stacked group of every layer; methods may split it (stack.regroup).
-        make_layer = lambda key: LlamaDecoderLayer(cfg, rngs=nnx.Rngs(key))  # noqa: E731
+        make_layer = lambda key: DecoderLayer(cfg, rngs=nnx.Rngs(key))  # noqa: E731
         self.layers = nnx.List([stack.build_group(make_layer, range(cfg.num_layers), rngs.params())])
         self.norm = _norm(cfg, cfg.hidden_size, rngs)
 
 
-class LlamaForCausalLM(nnx.Module):
+class DecoderForCausalLM(CausalLMHeads, nnx.Module):
     """Decoder-only language model; `__call__` returns float32 logits `[B, T, vocab]`."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    LAYOUT = layout.DECODER  # where its parts are, by name (jaxft/models/layout.py)
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.model = LlamaModel(config, rngs=rngs)
+        self.model = DecoderModel(config, rngs=rngs)
         if config.tie_word_embeddings or config.num_labels:
             self.lm_head = None  # logits come from model.embed_tokens.attend (a classifier has none)
         else:
@@ -358,7 +375,7 @@ class LlamaForCausalLM(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = constrain(self.model.embed_tokens(input_ids), _ACTIVATION_AXES)
+        x = constrain(self.embed(input_ids), _ACTIVATION_AXES)
         windows = self._windows()
         kv_mask, dense_masks = (None if right_padded else attention_mask), None
         if self.prompt_encoder is not None:
@@ -370,12 +387,13 @@ class LlamaForCausalLM(nnx.Module):
                 dense_masks, segment_ids = tuple(dense_mask_for(w) for w in windows), None
         visibility = Visibility(windows, cfg.attention, segment_ids=segment_ids, kv_mask=kv_mask,
                                 dense_masks=dense_masks)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        rope_of = self._rope_tables(positions, windows)
 
         def block(layer, x, inputs):
             # Between blocks activations are split over the batch only: each block's weights are
             # gathered (FSDP) or its partial sums reduced (tensor parallelism) inside it.
-            return constrain(layer(x, cos, sin, visibility, inputs.get("window")), _ACTIVATION_AXES)
+            window = inputs.get("window")
+            return constrain(layer(x, *rope_of(window), visibility, window), _ACTIVATION_AXES)
 
         x = stack.run(self.model.layers, x, block, self._window_per_layer(windows), loop=cfg.layer_loop,
                       remat=cfg.remat)
@@ -393,7 +411,7 @@ class LlamaForCausalLM(nnx.Module):
             cache's first slots), and every position, now and later, moves up by their number, as in training.
         """
         cfg = self.config
-        x = constrain(self.model.embed_tokens(input_ids), _ACTIVATION_AXES)
+        x = constrain(self.embed(input_ids), _ACTIVATION_AXES)
         if self.prompt_encoder is not None:
             if prompt:
                 x, positions, attention_mask, _ = self.prompt_encoder(x, attention_mask, positions, None)
@@ -404,16 +422,37 @@ class LlamaForCausalLM(nnx.Module):
         cache = cache.admit(attention_mask)
         # Queries and keys differ in length, so order is in the masks.
         visibility = Visibility(windows, dense_masks=cache.visibility_masks(t, windows))
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        rope_of = self._rope_tables(positions, windows)
 
         def block(layer, x, inputs, layer_cache):
-            x, layer_cache = layer(x, cos, sin, visibility, inputs.get("window"), layer_cache, cache.index)
+            window = inputs.get("window")
+            x, layer_cache = layer(x, *rope_of(window), visibility, window, layer_cache, cache.index)
             return constrain(x, _ACTIVATION_AXES), layer_cache
 
         x, caches = stack.run(self.model.layers, x, block, self._window_per_layer(windows), loop=cfg.layer_loop,
                               caches=list(zip(cache.keys, cache.values)))
         cache = cache.advanced(t, [k for k, _ in caches], [v for _, v in caches])
         return self.model.norm(x[:, t - input_ids.shape[1]:]), cache
+
+    def embed(self, input_ids) -> jax.Array:
+        """The token embeddings of `input_ids` `[B, T]` as the HF model's input-embedding module gives them
+        (Gemma's are scaled; prompt tuning's text init reads these)."""
+        x = self.model.embed_tokens(input_ids)
+        if not self.config.embed_scale:
+            return x
+        # In the compute dtype, as HF multiplies by sqrt(hidden_size) cast to the weights' dtype.
+        return x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+
+    def _rope_tables(self, positions, windows: tuple):
+        """`rope_of(window_index) -> (cos, sin)` for the layers of each window: one table for all when the
+        windows share their RoPE, else one per window (Gemma 3's local layers), picked by the traced index."""
+        ropes = [self.config.rope(w) for w in windows]
+        if all(r == ropes[0] for r in ropes):
+            cos, sin = ropes[0].cos_sin(positions)
+            return lambda window_index: (cos, sin)
+        tables = [r.cos_sin(positions) for r in ropes]
+        cos, sin = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
+        return lambda window_index: (cos[window_index], sin[window_index])
 
     def _windows(self) -> tuple:
         """The distinct sliding windows of the layers (None: full attention), in a fixed order."""
@@ -428,40 +467,6 @@ class LlamaForCausalLM(nnx.Module):
             return {}
         return {"window": np.array([windows.index(cfg.layer_window(i)) for i in range(cfg.num_layers)])}
 
-    def classify(self, input_ids, *, attention_mask=None, positions=None, right_padded: bool = False):
-        """Float32 label logits `[B, num_labels]` of a sequence classifier: the `score` head over each row's
-        last real token (the last 1 of `attention_mask`; the last position without one), as transformers'
-        *ForSequenceClassification pools the rightmost token that is not padding. Arguments as `hidden_states`."""
-        if self.score is None:
-            raise ConfigError("classify needs a sequence classifier (config.num_labels > 0); this is a language "
-                              "model: use logits()")
-        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
-                                    right_padded=right_padded)
-        b, t = input_ids.shape
-        if attention_mask is None:
-            last = jnp.full((b,), t - 1)
-        else:
-            last = jnp.max(jnp.where(attention_mask > 0, jnp.arange(t), 0), axis=1)
-        return self.score(hidden[jnp.arange(b), last]).astype(jnp.float32)
-
-    def output_head(self):
-        """`(apply, params)`: the language-model head as a pure function of its parameters, `apply(params,
-        hidden) -> logits` in the compute dtype (the untied `lm_head`, or the embedding's `attend` when tied),
-        so a loss can run it over chunks of tokens (jaxft/losses.py)."""
-        self._check_language_model()
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        graphdef, params = nnx.split(head)
-        if self.lm_head is None:
-            return (lambda p, h: nnx.merge(graphdef, p).attend(h)), params
-        return (lambda p, h: nnx.merge(graphdef, p)(h)), params
-
-    def logits(self, hidden):
-        """Float32 logits `[B, T, vocab]` of final hidden states `[B, T, hidden]`."""
-        self._check_language_model()
-        head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
-        return head(hidden).astype(jnp.float32)
-
-    def _check_language_model(self):
-        if self.config.num_labels:
-            raise ConfigError(f"this model is a sequence classifier ({self.config.num_labels} labels): it has no "
-                              "vocabulary head to give token logits; use classify()")
+    def token_embedding(self):
+        """The token embedding module (what a tied head reads: CausalLMHeads)."""
+        return self.model.embed_tokens

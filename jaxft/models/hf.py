@@ -4,7 +4,8 @@ Model attributes mirror HF module names, so the whole name mapping is one
 rule on the parameter's leaf name (`_LEAF_TO_HF`): the NNX path
 `model.layers.0.self_attn.q_proj.kernel` is the HF tensor
 `model.layers.0.self_attn.q_proj.weight`, transposed (NNX kernels are
-`[in, out]`, torch `Linear.weight` is `[out, in]`).
+`[in, out]`, torch `Linear.weight` is `[out, in]`); transformers' `Conv1D` weights
+(GPT-2's projections) are `[in, out]` already and are not (`stored_in_out`).
 
 Weights are read with `safetensors` into numpy (never pickle / torch.load).
 Tied-embedding models: HF omits `lm_head.weight`. When a file has one anyway,
@@ -31,7 +32,7 @@ from safetensors import safe_open
 
 from jaxft import sharding
 from jaxft.errors import ModelLoadError
-from jaxft.models import FAMILIES, get_family, stack
+from jaxft.models import FAMILIES, get_family, gguf, layout, stack
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,13 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def config_from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides):
-    """The family config (e.g. `LlamaConfig`) for a model directory or a config.json dict."""
+    """The model config (a `DecoderConfig` for the decoder families) for a model directory or a config.json dict."""
     if isinstance(path_or_dict, Mapping):
         hf_config = dict(path_or_dict)
     else:
         hf_config = read_config(path_or_dict)
     family = get_family(hf_config.get("model_type"))
-    return family.config_cls.from_hf(hf_config, **overrides)
+    return family.from_hf(hf_config, **overrides)
 
 
 # ---------------------------------------------------------------------------
@@ -105,14 +106,24 @@ class TensorSlot:
     transpose: bool
 
 
-def hf_name_map(model: nnx.Module) -> dict[str, TensorSlot]:
-    """HF tensor name -> its `TensorSlot` for every parameter of `model` (every layer of a stacked one).
+def stored_in_out(model, module: str) -> bool:
+    """Whether HF stores the weight of `model`'s module `module` (its last name, e.g. "c_attn") `[in, out]`, as
+    our kernels are, rather than torch `Linear`'s `[out, in]`: transformers' `Conv1D` (GPT-2), which a family
+    names in its model class's `CONV1D_MODULES`."""
+    return module in getattr(model if isinstance(model, type) else type(model), "CONV1D_MODULES", ())
+
+
+def hf_name_map(model: nnx.Module, under: str | None = None) -> dict[str, TensorSlot]:
+    """HF tensor name -> its `TensorSlot` for every parameter of `model` (every layer of a stacked one), or with
+    `under` (a module's dotted path, e.g. "classifier") for the parameters of that module only.
 
     Works on abstract models (`nnx.eval_shape`) too. A parameter whose leaf
     has no HF counterpart (e.g. an unmerged LoRA factor) raises ValueError.
     """
     mapping = {}
     for path, variable in _param_items(model):
+        if under is not None and not is_under(".".join(map(str, path)), under):
+            continue
         leaf = path[-1]
         if leaf not in _LEAF_TO_HF:
             raise ValueError(
@@ -120,6 +131,7 @@ def hf_name_map(model: nnx.Module) -> dict[str, TensorSlot]:
                 f"(known leaves: {sorted(_LEAF_TO_HF)}); merge adapters into the base model first"
             )
         hf_leaf, transpose = _LEAF_TO_HF[leaf]
+        transpose = transpose and not stored_in_out(model, str(path[-2]))
         stacked = stack.layer_ids(variable) is not None
         for j, name in enumerate(stack.layer_names(path, variable)):
             mapping[name.rpartition(".")[0] + "." + hf_leaf] = TensorSlot(path, j if stacked else None, transpose)
@@ -136,13 +148,16 @@ def _looks_like_local_path(path: str) -> bool:
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A local directory for `path`: itself, or a Hub snapshot for a repo id."""
+    """A local directory for `path`: itself, the dequantised copy of a GGUF file (jaxft/models/gguf.py), or a
+    Hub snapshot for a repo id. Every reader of model.path (weights, tokenizer, export) comes through here."""
     if os.path.isdir(path):
         return Path(path)
+    if gguf.is_gguf(path):
+        return gguf.dequantised_dir(path)
     path = str(path)
     if os.path.exists(path):
         raise ModelLoadError(f"model path {path!r} is a file, not a directory; set model.path to the directory "
-                             f"that holds config.json and the weights")
+                             f"that holds config.json and the weights, or to a .gguf file")
     if _looks_like_local_path(path):
         raise ModelLoadError(f"model directory {path!r} does not exist; set model.path to a local Hugging Face "
                              f"model directory or a hub id ('org/name')")
@@ -246,14 +261,14 @@ def _tensor_shapes(files: Mapping[str, Path]) -> dict[str, tuple]:
 # Load / export
 
 
-def _untie_if_head_differs(config, files, directory):
-    """A tied config whose file also holds a different `lm_head.weight` loads untied.
+def _untie_if_head_differs(config, files, directory, head: str, embedding: str):
+    """A tied config whose file also holds a different head tensor (`lm_head.weight`) loads untied.
 
     That is what transformers does (it ties only when the two are equal), and
     logit parity with transformers is the contract; the warning says why.
     """
-    tensors = dict(_read_tensors(files, ["lm_head.weight", "model.embed_tokens.weight"]))
-    if np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+    tensors = dict(_read_tensors(files, [head, embedding]))
+    if np.array_equal(tensors[head], tensors[embedding]):
         return config
     log.warning(
         "%s: tie_word_embeddings is set but lm_head.weight differs from the embedding; "
@@ -280,27 +295,35 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
     `peft.quant.QuantSpec.on_param`). Missing, unexpected or mis-shaped tensors
     raise ModelLoadError naming them.
 
-    `num_labels=N` (a config override) loads a sequence classifier: a language model's vocabulary head is
-    left unread and a new `score` head to N labels is drawn from `seed` (normal, std `initializer_range`, as
-    transformers initialises one); a classifier's checkpoint keeps its own head, which must have N labels.
+    `num_labels=N` (a config override) loads a sequence classifier: a language model's vocabulary head (or a
+    pretrained encoder's masked-LM head) is left unread and a new head to N labels (the layout's `classifier`:
+    a decoder's `score`, BERT's `classifier`) is drawn from `seed` (weights normal with std
+    `initializer_range`, biases zero, as transformers initialises one); a classifier's checkpoint keeps its own
+    head, which must have N labels. An encoder (BERT, RoBERTa) loads only as a sequence classifier.
     """
     directory = resolve_model_dir(path)
     hf_config = read_config(directory)
     family = get_family(hf_config["model_type"])
-    config = family.config_cls.from_hf(hf_config, **config_overrides)
+    config = family.from_hf(hf_config, **config_overrides)
+    labels = getattr(config, "num_labels", 0)
+    check_task(hf_config["model_type"], "sequence_classification" if labels else "causal_lm")
     files = _weight_files(directory)
-    in_file = {n for n in files if not _IGNORED_HF_TENSORS.search(n)}
-    new_head = _classifier_head(config, files, in_file, directory)
+    ignored = getattr(family.model_cls, "IGNORED_HF_TENSORS", None)  # a family's own (old buffers, unused parts)
+    in_file = {n for n in files if not _IGNORED_HF_TENSORS.search(n) and not (ignored and re.search(ignored, n))}
+    names = layout.of(family.model_cls)
+    _drop_language_model_head(labels, in_file, directory, names)
 
+    head, embedding = f"{names.lm_head}.weight", names.embedding_tensor()
     tied = getattr(config, "tie_word_embeddings", False)
-    if tied and "lm_head.weight" in in_file and "model.embed_tokens.weight" in in_file:
-        config = _untie_if_head_differs(config, files, directory)
+    if tied and head in in_file and embedding in in_file:
+        config = _untie_if_head_differs(config, files, directory, head, embedding)
         if config.tie_word_embeddings:
-            in_file.discard("lm_head.weight")
+            in_file.discard(head)
 
     model = nnx.eval_shape(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
     flat = dict(_param_items(model))  # the model's own Param objects: filling them fills the model
-    names = hf_name_map(model)
+    new_head = _new_classifier_head(labels, hf_name_map(model, names.classifier), flat, in_file, files, directory)
+    names = _as_saved(hf_name_map(model), in_file, layout.of(model))
 
     missing = sorted(set(names) - in_file - new_head)
     unexpected = sorted(in_file - set(names))
@@ -333,11 +356,12 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
     for name, slot in names.items():
         by_param.setdefault(slot.path, {})[slot.layer] = name
     std = float(hf_config.get("initializer_range", 0.02))
+    draws = np.random.default_rng(seed)  # the new head's weights, in the model's order (the same on every process)
     with _TensorReader(files) as reader:
         for p in [p for p in flat if p in by_param]:  # the model's order
             var = flat.pop(p)  # the model holds it now; a layer `on_param` replaces frees its float weight
             if by_param[p].get(None) in new_head:
-                var.set_value(_drawn_param(var, mesh, seed, std))
+                var.set_value(_drawn_param(var, mesh, draws, 0.0 if p[-1] == "bias" else std))
             else:
                 var.set_value(_load_param(reader, var, by_param[p], names, mesh))
             del var
@@ -346,30 +370,76 @@ def load_pretrained(path: str | os.PathLike, *, mesh=None,
     return model
 
 
-def _classifier_head(config, files, in_file: set, directory) -> set[str]:
-    """For a sequence classifier (`config.num_labels`): drops a language model's vocabulary head from the
-    tensors to read (transformers does the same) and returns the head tensors to draw anew (none when the
-    checkpoint is a classifier already, whose head must have `num_labels` rows)."""
-    labels = getattr(config, "num_labels", 0)
-    if not labels:
-        if "score.weight" in in_file and "lm_head.weight" not in in_file:
-            raise ModelLoadError(f"{directory} is a sequence classifier (a score head, no vocabulary head), not a "
-                                 f"language model: train it as one (peft.task=sequence_classification).")
-        return set()
-    in_file.discard("lm_head.weight")
-    if "score.weight" not in in_file:
-        return {"score.weight"}
-    found = _tensor_shapes({"score.weight": files["score.weight"]})["score.weight"][0]
-    if found != labels:
-        raise ModelLoadError(f"{directory} is a sequence classifier with {found} labels, not {labels}; train "
-                             f"from its base language model for a new label set.")
+def _as_saved(names: dict[str, TensorSlot], in_file: set, model_layout: layout.Layout) -> dict[str, TensorSlot]:
+    """`names` as the checkpoint spells them. A checkpoint saved from transformers' base model (`GPT2Model`: the
+    original GPT-2 files) lacks the prefix of everything under it (`transformer.`, the first part of the blocks'
+    path); transformers adds it on load, and so do we."""
+    prefix = model_layout.blocks.split(".")[0] + "."
+    unprefixed = {n.removeprefix(prefix) for n in names if n.startswith(prefix)}
+    if any(n.startswith(prefix) for n in in_file) or not unprefixed & in_file:
+        return names
+    return {n.removeprefix(prefix): slot for n, slot in names.items()}
+
+
+def check_task(model_type: str, task: str) -> None:
+    """ConfigError when a `model_type` checkpoint cannot train for `task` ("causal_lm" or
+    "sequence_classification"): an encoder (BERT, RoBERTa) has no language-model head, so it only classifies."""
+    family = get_family(model_type)
+    if family.encoder and task != "sequence_classification":
+        from jaxft.models.bert import not_a_language_model
+        raise not_a_language_model(model_type)
+
+
+def check_task_of(path, task: str) -> None:
+    """`check_task` for the model directory (or hub id) `path`, reading only its config.json: a run calls it
+    before reading any data or weights."""
+    check_task(read_config(resolve_model_dir(path))["model_type"], task)
+
+
+def is_under(name: str, module: str) -> bool:
+    """Whether the dotted `name` is the module `module` or inside it ("classifier.dense.bias" is under
+    "classifier"; "classifier_x" is not)."""
+    return name == module or name.startswith(module + ".")
+
+
+def _drop_language_model_head(labels: int, in_file: set, directory, names: layout.Layout) -> None:
+    """A sequence classifier (`labels` > 0) does not read a checkpoint's language-model head (transformers drops it
+    too): its tensors leave `in_file`. A classifier's checkpoint loaded as a language model is refused."""
+    lm_head = {n for n in in_file if is_under(n.rpartition(".")[0], names.lm_head)}
+    if labels:
+        in_file -= lm_head
+    elif not lm_head and any(is_under(n, names.classifier) for n in in_file):
+        raise ModelLoadError(f"{directory} is a sequence classifier (a {names.classifier} head, no vocabulary "
+                             f"head), not a language model: train it as one (peft.task=sequence_classification).")
+
+
+def _new_classifier_head(labels: int, slots: dict, params: dict, in_file: set, files, directory) -> set[str]:
+    """The classifier's tensors (`slots`, by HF name) to draw anew: all of them when the checkpoint has none (a
+    language model or a pretrained encoder), else none (a classifier's own head, which must have `labels` labels;
+    a partial head is reported missing with the rest)."""
+    saved = sorted(set(slots) & in_file)
+    if labels and not saved:
+        return set(slots)
+    shapes = _tensor_shapes({name: files[name] for name in saved})
+    for name in saved:  # torch layout: a head's output (label) dimension comes first
+        found, wanted = shapes[name][0], _hf_shape(params[slots[name].path], slots[name])[0]
+        if found != wanted:
+            raise ModelLoadError(f"{directory} is a sequence classifier with {found} labels, not {labels}; "
+                                 f"train from its base language model for a new label set.")
     return set()
 
 
-def _drawn_param(var: nnx.Variable, mesh, seed: int, std: float) -> jax.Array:
-    """A new parameter drawn from N(0, std) by `seed` (the same on every process), laid out like a loaded one."""
+def _hf_shape(variable: nnx.Variable, slot: TensorSlot) -> tuple:
+    """The shape of the HF tensor at `slot` of `variable` (one layer's, in torch's layout)."""
+    shape = tuple(variable.get_value().shape)[0 if slot.layer is None else 1:]
+    return shape[::-1] if slot.transpose else shape
+
+
+def _drawn_param(var: nnx.Variable, mesh, draws: np.random.Generator, std: float) -> jax.Array:
+    """A new parameter drawn from N(0, std) by `draws` (seeded alike on every process), zeros for `std` 0 (a new
+    bias, as transformers starts one), laid out like a loaded one."""
     like = var.get_value()
-    values = (np.random.default_rng(seed).standard_normal(like.shape) * std).astype(like.dtype)
+    values = (draws.standard_normal(like.shape) * std if std else np.zeros(like.shape)).astype(like.dtype)
     target = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else jax.sharding.NamedSharding(
         mesh, sharding.spec_for(var.get_metadata().get("logical_axes"), tuple(like.shape), mesh)))
     return jax.make_array_from_callback(tuple(like.shape), target, lambda index: values[index])
@@ -428,7 +498,8 @@ def _read_block(reader: _TensorReader, name: str, index: tuple, names: dict) -> 
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The `transformers` tokenizer saved with a model (local directory or Hub id)."""
+    """The `transformers` tokenizer saved with a model (local directory, Hub id, or a .gguf file, whose tokenizer
+    is saved in the same dequantised copy as its weights)."""
     directory = resolve_model_dir(path)
     try:
         from transformers import AutoTokenizer
@@ -441,16 +512,17 @@ def load_tokenizer(path: str | os.PathLike):
         ) from None
 
 
-def to_hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """HF-named numpy tensors (torch `[out, in]` layout, param dtype) of `model`.
+def to_hf_state_dict(model: nnx.Module, under: str | None = None) -> dict[str, np.ndarray]:
+    """HF-named numpy tensors (torch `[out, in]` layout, param dtype) of `model`, or with `under` of that module
+    only (a classifier's head: `under="score"`).
 
     The inverse of `load_pretrained`'s mapping; tied models have no
-    `lm_head.weight`, as in HF files. Adapters must be merged first.
+    `lm_head.weight`, as in HF files. Adapters must be merged first (outside `under`).
     """
     params = dict(_param_items(model))
     arrays: dict[tuple, np.ndarray] = {}
     out = {}
-    for name, slot in hf_name_map(model).items():
+    for name, slot in hf_name_map(model, under).items():
         if slot.path not in arrays:  # a stacked parameter is fetched once for all its layers
             arrays[slot.path] = np.asarray(params[slot.path][...])
         array = arrays[slot.path] if slot.layer is None else arrays[slot.path][slot.layer]

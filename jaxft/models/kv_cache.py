@@ -37,7 +37,7 @@ class KVCache:
         """Zeroed keys and values for `model`'s layer groups, in its compute dtype; no slot valid."""
         cfg = model.config
         keys = []
-        for group in model.model.layers:
+        for group in stack.block_groups(model):
             shape = (len(stack.group_ids(group)), batch, cfg.num_kv_heads, slots, cfg.head_dim)
             keys.append(constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES))
         return cls(keys=keys, values=[jnp.zeros_like(k) for k in keys], valid=jnp.zeros((batch, slots), bool),

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.models import layout
+
 LAYER_AXIS = "layers"  # the logical name of the leading axis (jaxft/sharding.py RULES: never split)
 LOOPS = ("scan", "unroll")
 
@@ -175,12 +177,27 @@ def regroup(groups: nnx.List, signature: Callable[[int], Hashable]) -> nnx.List 
     return nnx.List(out) if changed else None
 
 
+def block_groups(model: nnx.Module) -> nnx.List | None:
+    """The model's groups of blocks (at its layout's `blocks` path, `model.layers` in a decoder), or None."""
+    owner, attr = _blocks_owner(model)
+    return getattr(owner, attr, None)
+
+
+def _blocks_owner(model: nnx.Module):
+    *parents, attr = layout.of(model).blocks.split(".")
+    owner = model
+    for part in parents:
+        owner = getattr(owner, part, None)
+    return owner, attr
+
+
 def regroup_model(model: nnx.Module, signature: Callable[[int], Hashable]) -> bool:
-    """`regroup` a model's decoder blocks (`model.model.layers`) in place; True if any group was split."""
-    groups = getattr(getattr(model, "model", None), "layers", None)
+    """`regroup` a model's blocks (`block_groups`) in place; True if any group was split."""
+    groups = block_groups(model)
     regrouped = None if groups is None else regroup(groups, signature)
     if regrouped is not None:
-        model.model.layers = regrouped
+        owner, attr = _blocks_owner(model)
+        setattr(owner, attr, regrouped)
     return regrouped is not None
 
 
@@ -194,7 +211,7 @@ def layout_for_loop(model: nnx.Module) -> None:
 
 def layer_module(model: nnx.Module, layer: int) -> nnx.Module:
     """Decoder layer `layer` of `model` as a module of its own (a copy of its slice of the stacked arrays)."""
-    for group in model.model.layers:
+    for group in block_groups(model):
         ids = group_ids(group)
         if layer in ids:
             graphdef, state = nnx.split(group)

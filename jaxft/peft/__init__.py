@@ -3,10 +3,12 @@ names what trains through a single `TrainableFilter` (select.py)."""
 
 import dataclasses
 import functools
+import re
 from typing import Callable
 
 from flax import nnx
 
+from jaxft.models import layout
 from jaxft.peft import adapters, bitfit, partial, prompt, quant
 from jaxft.peft.lora import LoRAConfig, apply_lora
 from jaxft.peft.lora import trainable_filter as lora_filter
@@ -42,9 +44,9 @@ def prepare(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> M
     each group can still run under one scan.
     """
     method = _apply(model, peft_cfg, rngs=rngs, tokenizer=tokenizer)
-    if getattr(model, "score", None) is not None:  # a classifier's new head trains whole (PEFT: modules_to_save)
-        method = dataclasses.replace(method, trainable=TrainableFilter(((r"score\..*", True),)
-                                                                       + method.trainable.rules))
+    if getattr(model.config, "num_labels", 0):  # a classifier's head trains whole (PEFT: modules_to_save)
+        head = rf"{re.escape(layout.of(model).classifier)}\..*"
+        method = dataclasses.replace(method, trainable=TrainableFilter(((head, True),) + method.trainable.rules))
     uniform_groups(model, method.trainable, method.start_step)
     return method
 
@@ -69,8 +71,8 @@ def _apply(model: nnx.Module, peft_cfg, *, rngs: nnx.Rngs, tokenizer=None) -> Me
                                    init_text=peft_cfg.prompt_init_text, tokenizer=tokenizer, rngs=rngs)
         return Method("prompt_tuning", prompt.trainable_filter())
     if peft_cfg.method == "partial":
-        layers = model.config.num_layers
-        start = functools.partial(partial.unfreeze_step, cfg=peft_cfg, num_layers=layers)
-        return Method("partial", partial.partial_filter(peft_cfg, layers),
+        layers, names = model.config.num_layers, layout.of(model)
+        start = functools.partial(partial.unfreeze_step, cfg=peft_cfg, num_layers=layers, layout=names)
+        return Method("partial", partial.partial_filter(peft_cfg, layers, names),
                       start_step=start if peft_cfg.unfreeze_every_steps else None)
     raise AssertionError(f"unvalidated peft.method {peft_cfg.method!r}")

@@ -20,7 +20,6 @@ Adapters are non-linear, so unlike LoRA they cannot be merged into the base weig
 import functools
 import json
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +28,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxft.errors import AdapterError, ConfigError
-from jaxft.models import stack
+from jaxft.models import layout, stack
 from jaxft.peft.select import TrainableFilter, path_str, set_module
 
-# The module each kind adapts, as a path suffix (regex) inside a decoder block.
-_ATTENTION_OUT = r"self_attn\.o_proj"
-_MLP_OUT = r"mlp\.down_proj"
-KINDS = {"houlsby": (_ATTENTION_OUT, _MLP_OUT), "pfeiffer": (_MLP_OUT,)}
+# The sublayers each kind adapts (their output projections are named by the model's layout).
+KINDS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
 
 # GELU is the exact (erf) form, as torch's nn.GELU() and AdapterHub's "gelu" compute it.
 ACTIVATIONS = {
@@ -111,10 +108,12 @@ def apply_adapters(model: nnx.Module, kind: str = "houlsby", bottleneck: int = 6
                            f"({hidden}); an adapter narrows the hidden state, it does not widen it.")
     if adapter_modules(model):
         raise AdapterError("This model already has adapters; apply_adapters adds them to a plain model only.")
-    suffix = "|".join(KINDS[kind])
-    chosen = [(name, module) for name, module in _named_modules(model) if _is_target(name, suffix)]
+    names = layout.of(model)
+    outputs = [{"attention": names.attention_output, "mlp": names.mlp_output}[part] for part in KINDS[kind]]
+    chosen = [(name, module) for name, module in _named_modules(model)
+              if (names.block_of(name) or (0, None))[1] in outputs]
     if not chosen:
-        raise AdapterError(f"{kind} adapters go after {' and '.join(KINDS[kind])} in each decoder block; "
+        raise AdapterError(f"{kind} adapters go after {' and '.join(outputs)} in each block; "
                            f"this model has no such module.")
     key, names = rngs.params(), []
     for name, module in chosen:
@@ -141,10 +140,6 @@ def _check_activation(activation: str) -> None:
 def _named_modules(model):
     # Listed before any wrapping: the graph must not change while NNX walks it.
     return [(path_str(path), m) for path, m in nnx.iter_modules(model)]
-
-
-def _is_target(name: str, suffix: str) -> bool:
-    return re.fullmatch(rf"model\.layers\.\d+\.({suffix})", name) is not None
 
 
 def adapter_modules(model: nnx.Module) -> dict[str, AdaptedOutput]:

@@ -18,7 +18,7 @@ from flax import nnx
 from jaxft import sharding
 from jaxft.errors import AdapterError
 from jaxft.kernels.lora_matmul import lora_matmul, use_pallas
-from jaxft.models import stack
+from jaxft.models import layout, stack
 from jaxft.models.layers import Linear
 from jaxft.peft.quant import QuantizedLinear
 from jaxft.peft.select import TrainableFilter, path_str, set_module
@@ -26,9 +26,8 @@ from jaxft.peft.select import TrainableFilter, path_str, set_module
 log = logging.getLogger("jaxft")
 
 # Module names never adapted by "all-linear", as in PEFT: the output head, and a classifier's head (which
-# trains whole, PEFT's modules_to_save).
+# trains whole, PEFT's modules_to_save; `lora_candidates` keeps every part of one out, whatever it is called).
 _OUTPUT_LAYERS = ("lm_head", "score")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +265,15 @@ def _layers_of(path: str, weight: nnx.Variable) -> list[tuple[str, int | None]]:
     return [(name, j if stacked else None) for j, name in enumerate(stack.layer_names(path.split("."), weight))]
 
 
+def lora_candidates(model: nnx.Module) -> list[str]:
+    """The per-layer linear module names LoRA may wrap: all but a sequence classifier's head (the layout's
+    `classifier`: `score`, BERT's `classifier`, RoBERTa's `classifier.dense` and `classifier.out_proj`), which
+    trains whole. PEFT leaves it alone too, even where "all-linear" lists its layers: a `modules_to_save` module
+    gets no LoRA layer."""
+    head = layout.of(model).classifier
+    return [n for n in per_layer_modules(model) if n != head and not n.startswith(head + ".")]
+
+
 def select_targets(names: list[str], targets: str) -> list[str]:
     """The module paths that `targets` names, in PEFT's sense; AdapterError if none."""
     if targets == "all-linear":
@@ -300,9 +308,12 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
     layers of a stacked group and not others, the group is split first (`stack.regroup`). Layer i's A
     depends only on `rngs` and its name, however the layers are grouped.
     """
-    names = list(per_layer_modules(model))
+    names = lora_candidates(model)
     chosen = set(select_targets(names, config.targets))
-    stack.regroup_model(model, lambda i: frozenset(n.split(".", 3)[-1] for n in chosen if _layer_of(n) == i))
+    chosen_in_block: dict[int, set[str]] = {}  # block index -> the chosen names within the block
+    for block in filter(None, map(layout.of(model).block_of, chosen)):
+        chosen_in_block.setdefault(block[0], set()).add(block[1])
+    stack.regroup_model(model, lambda i: frozenset(chosen_in_block.get(i, ())))
     key = rngs.params()
     by_module: dict[str, list[str]] = {}
     for name, (module_path, _) in per_layer_modules(model).items():
@@ -323,12 +334,6 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
         layers.append(wrapped)
     _report_kernel(layers, config.kernel)
     return [n for n in names if n in chosen]
-
-
-def _layer_of(name: str) -> int | None:
-    """The decoder layer a per-layer module name belongs to ('model.layers.3.mlp.up_proj' -> 3)."""
-    match = _LAYER.match(name)
-    return int(match.group(1)) if match else None
 
 
 def _report_kernel(layers: list, kernel: str) -> None:

@@ -17,13 +17,13 @@ bitwise unchanged until then.
 import re
 
 from jaxft.errors import ConfigError
+from jaxft.models.layout import DECODER, Layout
 from jaxft.peft.select import TrainableFilter
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
-
-def partial_filter(cfg, num_layers: int) -> TrainableFilter:
-    """The filter `config.peft` describes for a model with `num_layers` decoder blocks."""
+def partial_filter(cfg, num_layers: int, layout: Layout = DECODER) -> TrainableFilter:
+    """The filter `config.peft` describes for a model with `num_layers` blocks whose parts are named as
+    `layout` says."""
     if cfg.patterns:
         return TrainableFilter(_pattern_rules(cfg.patterns) + ((r".*", False),))
     if not (cfg.train_top_blocks or cfg.train_embeddings or cfg.train_lm_head):
@@ -33,14 +33,13 @@ def partial_filter(cfg, num_layers: int) -> TrainableFilter:
         raise ConfigError(f"peft.train_top_blocks={cfg.train_top_blocks} but the model has {num_layers} blocks.")
     rules = []
     if cfg.train_top_blocks:
-        first = num_layers - cfg.train_top_blocks
-        blocks = "|".join(str(i) for i in range(first, num_layers))
-        rules.append((rf"model\.layers\.({blocks})\..*", True))
-        rules.append((r"model\.norm\..*", True))  # the final norm sits on top of the top block
+        rules.append((layout.blocks_pattern(range(num_layers - cfg.train_top_blocks, num_layers)), True))
+        if layout.final_norm:  # the final norm sits on top of the top block
+            rules.append((rf"{re.escape(layout.final_norm)}\..*", True))
     if cfg.train_embeddings:
-        rules.append((r"model\.embed_tokens\..*", True))
+        rules.extend((rf"{re.escape(e)}\..*", True) for e in layout.embeddings)
     if cfg.train_lm_head:
-        rules.append((r"lm_head\..*", True))
+        rules.append((rf"{re.escape(layout.lm_head)}\..*", True))
     return TrainableFilter(tuple(rules) + ((r".*", False),))
 
 
@@ -54,13 +53,13 @@ def _pattern_rules(patterns: str) -> tuple[tuple[str, bool], ...]:
     return tuple(rules)
 
 
-def unfreeze_step(name: str, cfg, num_layers: int) -> int:
+def unfreeze_step(name: str, cfg, num_layers: int, layout: Layout = DECODER) -> int:
     """The step at which parameter `name` starts to train: 0, or later for lower blocks when unfreezing."""
     every = cfg.unfreeze_every_steps
-    match = _LAYER.search(name)
-    if not every or match is None:
+    block = layout.block_of(name)
+    if not every or block is None:
         return 0
-    depth_from_top = num_layers - 1 - int(match.group(1))
+    depth_from_top = num_layers - 1 - block[0]
     return depth_from_top * every
 
 
@@ -69,4 +68,4 @@ def unfreeze_plan(cfg, num_layers: int) -> list[tuple[int, int]]:
     if not cfg.unfreeze_every_steps or not cfg.train_top_blocks:
         return []
     top = range(num_layers - 1, num_layers - 1 - cfg.train_top_blocks, -1)
-    return [(unfreeze_step(f"model.layers.{block}.x", cfg, num_layers), block) for block in top]
+    return [((num_layers - 1 - block) * cfg.unfreeze_every_steps, block) for block in top]

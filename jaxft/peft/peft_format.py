@@ -9,8 +9,9 @@ module paths (the model mirrors HF names), so names map one to one; in stacked
 decoder blocks each layer's slice is a tensor of its own, under its layer's name.
 
 A sequence classifier's adapter (PEFT task_type SEQ_CLS) also holds the whole trained
-`score` head, `base_model.model.score.weight` [labels, hidden], which PEFT's
-`modules_to_save` (["classifier", "score"], its default for the task) loads.
+head under its HF names (a decoder's `base_model.model.score.weight` [labels, hidden]; BERT's
+`classifier.weight` and `.bias`; RoBERTa's `classifier.dense.*` and `classifier.out_proj.*`), which
+PEFT's `modules_to_save` (["classifier", "score"], its default for the task) loads.
 """
 
 import json
@@ -22,7 +23,17 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxft.errors import AdapterError
-from jaxft.peft.lora import LoRAConfig, apply_lora, linear_modules, lora_layers, per_layer_modules, select_targets
+from jaxft.models import hf, layout
+from jaxft.models.hf import stored_in_out
+from jaxft.peft.lora import (
+    LoRAConfig,
+    apply_lora,
+    linear_modules,
+    lora_candidates,
+    lora_layers,
+    per_layer_modules,
+    select_targets,
+)
 
 _PREFIX = "base_model.model."
 _CLASSIFIER_HEADS = ["classifier", "score"]  # PEFT's modules_to_save for SEQ_CLS
@@ -37,7 +48,9 @@ def lora_target_modules(wrapped: list[str], targets: str):
 
 
 def lora_adapter_config(config: LoRAConfig, wrapped: list[str], base_model: str | None,
-                        classifier: bool = False) -> dict:
+                        classifier: bool = False, fan_in_fan_out: bool = False) -> dict:
+    """The adapter_config.json of a LoRA adapter. `fan_in_fan_out`: the targets are transformers `Conv1D`s
+    (GPT-2), whose weight is `[in, out]`; PEFT sets it for them itself, and records it."""
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
@@ -48,7 +61,7 @@ def lora_adapter_config(config: LoRAConfig, wrapped: list[str], base_model: str 
         "use_rslora": config.use_rslora,
         "target_modules": lora_target_modules(wrapped, config.targets),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "modules_to_save": _CLASSIFIER_HEADS if classifier else None,
         "inference_mode": True,
@@ -70,9 +83,15 @@ def lora_tensors(model) -> dict[str, np.ndarray]:
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(layer_slice(module.lora_b, j).T)
         if module.lora_magnitude is not None:  # DoRA: one magnitude per output feature
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer_slice(module.lora_magnitude, j)
-    if getattr(model, "score", None) is not None:  # a classifier's head, trained whole
-        tensors[f"{_PREFIX}score.weight"] = np.ascontiguousarray(np.asarray(model.score.kernel[...], np.float32).T)
+    if is_classifier(model):  # a classifier's head, trained whole
+        head = hf.to_hf_state_dict(model, under=layout.of(model).classifier)
+        tensors.update({f"{_PREFIX}{name}": t.astype(np.float32) for name, t in head.items()})
     return tensors
+
+
+def is_classifier(model) -> bool:
+    """Whether `model` is a sequence classifier (its head goes into the adapter, PEFT's modules_to_save)."""
+    return bool(getattr(model.config, "num_labels", 0))
 
 
 def save_lora_adapter(model, directory, config: LoRAConfig, wrapped: list[str], base_model: str | None = None):
@@ -80,9 +99,11 @@ def save_lora_adapter(model, directory, config: LoRAConfig, wrapped: list[str], 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(lora_tensors(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    classifier = getattr(model, "score", None) is not None
+    classifier = is_classifier(model)
+    # One flag for the adapter, as in PEFT, which still gives a plain Linear target its own layout.
+    conv1d = any(stored_in_out(model, name.rpartition(".")[2]) for name in wrapped)
     with (directory / "adapter_config.json").open("w") as f:
-        json.dump(lora_adapter_config(config, wrapped, base_model, classifier), f, indent=2)
+        json.dump(lora_adapter_config(config, wrapped, base_model, classifier, conv1d), f, indent=2)
     return directory
 
 
@@ -171,7 +192,7 @@ def _read_adapter_config(config_path: pathlib.Path) -> dict:
 def _check_complete(model, tensors: dict, config: LoRAConfig, directory) -> None:
     """Every layer the adapter's target_modules wrap has its tensors; checked before the model is changed."""
     parts = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if config.use_dora else ())
-    wanted = [f"{_PREFIX}{name}.{part}" for name in select_targets(list(per_layer_modules(model)), config.targets)
+    wanted = [f"{_PREFIX}{name}.{part}" for name in select_targets(lora_candidates(model), config.targets)
               for part in parts]
     missing = [key for key in wanted if key not in tensors]
     if missing:

@@ -89,7 +89,7 @@ def trainable_filter() -> TrainableFilter:
 
 def apply_prompt_tuning(model, num_virtual_tokens: int, *, init: str = "random", init_text: str | None = None,
                         tokenizer=None, rngs: nnx.Rngs) -> PromptEncoder:
-    """Give `model` (a `LlamaForCausalLM`) `num_virtual_tokens` trainable virtual tokens, in place.
+    """Give `model` (a `DecoderForCausalLM`) `num_virtual_tokens` trainable virtual tokens, in place.
 
     init="random": N(0, 1) entries, torch.nn.Embedding's default init, which is
     PEFT's RANDOM. init="text": the word embeddings of `init_text` tokenized by
@@ -102,14 +102,14 @@ def apply_prompt_tuning(model, num_virtual_tokens: int, *, init: str = "random",
         raise ConfigError(f"prompt init {init!r} is not supported; supported: {', '.join(INITS)}.")
     if not hasattr(model, "prompt_encoder"):
         raise AdapterError(f"{type(model).__name__} has no prompt_encoder slot; prompt tuning needs a "
-                           "jaxft.models.llama.LlamaForCausalLM.")
+                           "jaxft.models.decoder.DecoderForCausalLM.")
     if model.prompt_encoder is not None:
         raise AdapterError("the model already has a prompt encoder; apply prompt tuning once.")
     if init == "random":
         embeddings = jax.random.normal(rngs.params(), (num_virtual_tokens, model.config.hidden_size), jnp.float32)
     else:
         ids = text_init_ids(init_text, tokenizer, num_virtual_tokens, model.config.vocab_size)
-        embeddings = jnp.take(model.model.embed_tokens.embedding[...], jnp.asarray(ids), axis=0)
+        embeddings = model.embed(jnp.asarray(ids)[None])[0].astype(jnp.float32)
     model.prompt_encoder = PromptEncoder(embeddings)
     return model.prompt_encoder
 

@@ -378,13 +378,14 @@ class QuantizedEmbed(nnx.Module):
 # Whole models
 
 
-# A classifier's head trains (in float) with every method, so it is never stored quantised.
-_TRAINED_HEADS = ("score",)
+# A classifier's head trains (in float) with every method, so it is never stored quantised: a decoder's `score`,
+# an encoder's `classifier` (RoBERTa's holds two layers, `classifier.dense` and `classifier.out_proj`).
+_TRAINED_HEADS = ("score", "classifier")
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    """True when the dotted `name` ends in one of `skip`, matched on whole path components."""
-    return any(name == s or name.endswith("." + s) for s in skip)
+    """True when the dotted `name` ends in one of `skip` or lies inside one, matched on whole path components."""
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import ConfigError
-from jaxft.models import stack
+from jaxft.models import layout, stack
 
 
 def path_str(path) -> str:
@@ -94,12 +94,13 @@ def uniform_groups(model: nnx.Module, trainable: TrainableFilter, start_step=Non
     neighbour's (or, with gradual unfreezing, start training at another step): afterwards the filter (and
     `start_step(name)`) give one answer per stacked parameter. True if a group was split."""
     per_layer: dict[int, list] = {}
+    names = layout.of(model)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         ids = stack.layer_ids(variable)
         if ids is None:
             continue
         for i, name in zip(ids, stack.layer_names(path, variable)):
-            rest = name.split(".", 3)[-1]  # the name within the layer: the same in every layer
+            rest = names.block_of(name)[1]  # the name within the block: the same in every block
             per_layer.setdefault(i, []).append((rest, trainable.is_trainable(name),
                                                 start_step(name) if start_step else 0))
     return stack.regroup_model(model, lambda i: tuple(sorted(per_layer.get(i, []))))

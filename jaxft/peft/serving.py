@@ -15,12 +15,21 @@ import pathlib
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values --max-lora-rank accepts
-_DECODER_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+# The projections vLLM's decoders take LoRA on: Llama-style and Phi-3's fused ones.
+_DECODER_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                        "gate_up_proj"}
+# Base models (HF model_type) whose vLLM implementation takes no LoRA at all (its supported-models table has no
+# LoRA mark for them): GPT-2, and the encoders, which vLLM runs as pooling models.
+_NO_LORA_IN_VLLM = {"gpt2": "GPT-2 (GPT2LMHeadModel)", "bert": "BERT", "roberta": "RoBERTa"}
 
 
-def vllm_verdict(adapter_config: dict) -> dict:
-    """`{"servable", "why_not", "max_lora_rank", "notes"}` for a PEFT adapter_config.json's contents."""
+def vllm_verdict(adapter_config: dict, model_type: str | None = None) -> dict:
+    """`{"servable", "why_not", "max_lora_rank", "notes"}` for a PEFT adapter_config.json's contents, on a base
+    of HF `model_type` (None: not known)."""
     why_not, notes = [], []
+    if model_type in _NO_LORA_IN_VLLM:
+        why_not.append(f"vLLM's {_NO_LORA_IN_VLLM[model_type]} takes no LoRA adapters; serve the merged model "
+                       f"(export.merged=True)")
     if adapter_config.get("peft_type") != "LORA":
         kind = adapter_config.get("peft_type") or adapter_config.get("adapter_type")
         why_not.append(f"vLLM serves LoRA adapters only; this is {kind!r}")
@@ -51,13 +60,13 @@ def vllm_verdict(adapter_config: dict) -> dict:
     return dict(servable=not why_not, why_not=why_not, max_lora_rank=max_rank, notes=notes)
 
 
-def write_vllm_verdict(adapter_dir, base_model: str | None) -> dict:
-    """Judge the adapter in `adapter_dir` (its adapter_config.json), write the verdict to `vllm.json` there with
-    a command that serves it, and return it."""
+def write_vllm_verdict(adapter_dir, base_model: str | None, model_type: str | None = None) -> dict:
+    """Judge the adapter in `adapter_dir` (its adapter_config.json) for a base of `model_type`, write the verdict
+    to `vllm.json` there with a command that serves it, and return it."""
     adapter_dir = pathlib.Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     saved = json.loads(config_path.read_text()) if config_path.is_file() else {"peft_type": None}
-    verdict = vllm_verdict(saved)
+    verdict = vllm_verdict(saved, model_type)
     if verdict["servable"]:
         verdict["command"] = (f"vllm serve {base_model or '<base model>'} --enable-lora --max-lora-rank "
                               f"{verdict['max_lora_rank']} --lora-modules adapter={adapter_dir.absolute()}")
