@@ -150,6 +150,18 @@ def base_config() -> ml_collections.ConfigDict:
             seq_len=512,
             log_every_steps=10,
             progress_bar=True,
+            # Knowledge distillation (jaxft/distill.py): with a teacher, each target token's loss is
+            # alpha * T^2 * KL(teacher || student, both softened by T) + (1 - alpha) * the data's cross-entropy.
+            distill=ml_collections.ConfigDict(
+                dict(
+                    # The teacher: a local HF model directory or hub id, frozen, with the student's tokenizer
+                    # (vocabulary); None: no distillation.
+                    teacher=config_dict.placeholder(str),
+                    teacher_adapter=config_dict.placeholder(str),  # a PEFT LoRA adapter merged into the teacher
+                    temperature=2.0,  # T > 0: softens both distributions (1: compares them as they are)
+                    alpha=0.5,  # in [0, 1]: the KL's share of the loss; 1 learns from the teacher alone
+                )
+            ),
         )
     )
 
@@ -317,6 +329,7 @@ def validate(config) -> None:
     if not 0.0 <= config.peft.dropout < 1.0:
         raise ConfigError(f"peft.dropout={config.peft.dropout} must be in [0, 1).")
     _validate_peft(config)
+    _validate_distill(config)
     if config.data.streaming and config.train.steps is None:
         raise ConfigError("data.streaming=True needs train.steps: a stream's length is unknown until it is read.")
     if config.data.streaming and config.data.eval_fraction:
@@ -419,6 +432,21 @@ def _validate_head(config) -> None:
     if config.data.packing:
         raise ConfigError("peft.task=sequence_classification pools each row's last token; data.packing would put "
                           "several examples in one row. Turn data.packing off.")
+
+
+def _validate_distill(config) -> None:
+    distill = config.train.distill
+    _positive(config, "train.distill.temperature")
+    if not 0.0 <= distill.alpha <= 1.0:
+        raise ConfigError(f"train.distill.alpha={distill.alpha!r} must be in [0, 1]: the KL's share of the loss "
+                          f"(1: the teacher alone, 0: the data alone).")
+    if distill.teacher_adapter and not distill.teacher:
+        raise ConfigError("train.distill.teacher_adapter is an adapter for the teacher: set train.distill.teacher "
+                          "to the model it was trained on.")
+    if distill.teacher and config.peft.task == "sequence_classification":
+        raise ConfigError("train.distill.teacher distils a language model's next-token distribution; "
+                          "peft.task=sequence_classification trains a label head, which has none. Use "
+                          "peft.task=causal_lm (the label as text), or unset train.distill.teacher.")
 
 
 def _validate_resume(config) -> None:

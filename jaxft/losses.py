@@ -28,6 +28,10 @@ either keep every chunk's logits (no memory saved) or compute them twice. Inputs
 differentiated get no gradient work: through JAX's symbolic zeros the forward rule sees which
 inputs carry a tangent, so a frozen head (the lm_head under LoRA) costs two matmuls per chunk,
 not three. Without differentiation (evaluation) only the loss is computed, chunk by chunk.
+
+`chunked_loss_sums` is the same machinery with the per-token term as an argument and an optional
+frozen teacher head run on the same chunks: knowledge distillation (jaxft/distill.py) mixes a KL
+term to the teacher's logits into the cross-entropy without either model's logits existing whole.
 """
 
 import jax
@@ -94,50 +98,103 @@ def chunked_cross_entropy_sum(head_apply, head_params, x, targets, weights, *, c
     docstring): `x`'s gradient `[B, T, D]` and the head's are kept, the logits are not.
     Gradients flow to `x`, to `head_params` and (as the per-token losses) to `weights`.
     """
+    return chunked_loss_sums(head_apply, head_params, x, targets, weights, chunk_size=chunk_size)[0]
+
+
+def cross_entropy_terms(logits, targets, weights, teacher_logits=None, *, with_grad):
+    """The default `token_terms` of `chunked_loss_sums`: per-token cross-entropy, its weighted dlogits, no
+    metrics of its own (there is no teacher to read)."""
+    token_loss, dlogits = token_loss_and_dlogits(logits, targets, weights, with_grad=with_grad)
+    return token_loss, dlogits, {}
+
+
+def chunked_loss_sums(head_apply, head_params, x, targets, weights, *, chunk_size: int,
+                      token_terms=cross_entropy_terms, teacher=None) -> tuple[jax.Array, dict]:
+    """`(sum over tokens of weights * objective, {name: sum over tokens of weights * metric})`, float32,
+    chunk by chunk as `chunked_cross_entropy_sum` (arguments as there), with the per-token term given.
+
+    token_terms: `token_terms(logits, targets, weights, teacher_logits, *, with_grad)` for one chunk
+      (`[B, c, V]` logits of any float dtype, `[B, c]` targets and weights, the teacher's `[B, c, V]` logits
+      or None) returns `(objective [B, c] float32, dlogits, metrics)`: `dlogits` the gradient of
+      `sum(weights * objective)` with respect to the logits, float32 (None when `with_grad` is False), and
+      `metrics` a dict of `[B, c]` per-token values to sum alongside. The default is the cross-entropy.
+    teacher: None, or `(teacher_apply, teacher_params, teacher_x)`: a second head and its own final hidden
+      states `[B, T, D']`, run over the same chunks so its logits reach `token_terms` without existing
+      whole. The teacher is a constant here: it gets no gradient, as if behind `lax.stop_gradient`.
+
+    Gradients flow from the objective sum only; the metric sums are values to log (their gradient is
+    zero, as for `has_aux` outputs).
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of sequence positions, got {chunk_size}")
-    if x.shape[:2] != targets.shape or targets.shape != weights.shape:
+    teacher_apply, teacher_params, teacher_x = teacher if teacher is not None else (None, (), None)
+    if x.shape[:2] != targets.shape or targets.shape != weights.shape or (
+            teacher_x is not None and teacher_x.shape[:2] != targets.shape):
         raise ValueError(
-            f"x [B, T, D], targets [B, T] and weights [B, T] must agree on B and T, got x {x.shape}, "
-            f"targets {targets.shape}, weights {weights.shape}"
+            f"x [B, T, D], targets [B, T], weights [B, T] (and a teacher's x [B, T, D']) must agree on B and T, got "
+            f"x {x.shape}, targets {targets.shape}, weights {weights.shape}"
+            + (f", teacher x {teacher_x.shape}" if teacher_x is not None else "")
         )
     leaves, treedef = jax.tree.flatten(head_params)
-    # The custom VJP sees a flat list of arrays rather than `head_params` itself: symbolic-zero
+    teacher_leaves, teacher_treedef = jax.tree.flatten(teacher_params)
+    # The custom VJP sees one flat argument per array rather than `head_params` itself: symbolic-zero
     # mode hands the forward rule a record per leaf, which pytree nodes such as nnx.Variable
-    # would have to accept in their unflattening.
-    loss_fn = _chunked_loss_fn(head_apply, treedef, chunk_size)
-    return loss_fn(leaves, x, targets, weights.astype(jnp.float32))
+    # would have to accept in their unflattening; and JAX's next custom_vjp under today's
+    # jax.checkpoint miscounts the inputs of a rule whose arguments are not each one array.
+    loss_fn = _chunked_loss_fn(head_apply, treedef, chunk_size, token_terms, teacher_apply, teacher_treedef)
+    teacher_xs = () if teacher_x is None else (teacher_x,)
+    return loss_fn(*leaves, x, targets, weights.astype(jnp.float32), *teacher_leaves, *teacher_xs)
 
 
-def _chunked_loss_fn(head_apply, treedef, chunk_size):
-    """The custom-VJP loss over (param leaves, x, targets, weights) for one head and chunk size.
+def _chunked_loss_fn(head_apply, treedef, chunk_size, token_terms, teacher_apply, teacher_treedef):
+    """The custom-VJP loss over the flat arguments (*param leaves, x, targets, weights, *teacher leaves,
+    *teacher xs) for one head, per-token term, teacher head and chunk size; teacher xs are none or one.
 
-    Built per call as a closure over the static pieces (the head function, the parameter tree
-    structure, the chunk size) rather than passed as `nondiff_argnums`, which newer JAX hashes.
+    Built per call as a closure over the static pieces (the head functions, the parameter tree
+    structures, the chunk size) rather than passed as `nondiff_argnums`, which newer JAX hashes.
     """
+    n_leaves, n_teacher = treedef.num_leaves, teacher_treedef.num_leaves
+
+    def split_args(args):
+        """(leaves, x, targets, weights, teacher leaves, teacher xs) of the flat arguments."""
+        rest = args[n_leaves + 3:]
+        return (list(args[:n_leaves]), *args[n_leaves:n_leaves + 3], list(rest[:n_teacher]),
+                tuple(rest[n_teacher:]))
 
     def head(leaves, x_chunk):
         return head_apply(jax.tree.unflatten(treedef, leaves), x_chunk)
 
+    def teacher_logits(teacher_leaves, teacher_chunks):
+        if teacher_apply is None:
+            return None
+        return teacher_apply(jax.tree.unflatten(teacher_treedef, teacher_leaves), *teacher_chunks)
+
     @jax.custom_vjp
-    def loss_fn(leaves, x, targets, weights):
-        # The primal, for evaluation: the loss alone, chunk by chunk.
+    def loss_fn(*args):
+        # The primal, for evaluation: the sums alone, chunk by chunk.
+        leaves, x, targets, weights, teacher_leaves, teacher_xs = split_args(args)
         def step(loss, chunk):
-            x_c, t_c, w_c = chunk
-            token_loss, _ = _token_loss_and_dlogits(head(leaves, x_c), t_c, w_c, with_grad=False)
-            return loss + jnp.sum(token_loss * w_c), ()
+            x_c, t_c, w_c, *teacher_c = chunk
+            objective, _, metrics = token_terms(head(leaves, x_c), t_c, w_c,
+                                                teacher_logits(teacher_leaves, teacher_c), with_grad=False)
+            return loss + jnp.sum(objective * w_c), _weighted(metrics, w_c)
 
-        return _over_chunks(step, jnp.zeros((), jnp.float32), x, targets, weights, chunk_size)[0]
+        loss, metrics = _over_chunks(step, jnp.zeros((), jnp.float32), (x, targets, weights, *teacher_xs),
+                                     chunk_size)
+        return loss, _summed(metrics)
 
-    def loss_fwd(leaves, x, targets, weights):
+    def loss_fwd(*args):
+        leaves, x, targets, weights, teacher_leaves, teacher_xs = split_args(args)
         # With symbolic zeros each argument arrives as CustomVJPPrimal(value, perturbed). A float
         # input that is not perturbed (a frozen head, or x when only the head trains) gets no
-        # gradient work; integer ones (quantised weights, targets) never have any.
+        # gradient work; integer ones (quantised weights, targets) never have any; the teacher never.
         leaves, perturbed = zip(*map(_unwrap, leaves)) if leaves else ((), ())
         diff_idx = [i for i, (leaf, p) in enumerate(zip(leaves, perturbed)) if p and _is_float(leaf)]
         x, x_diff = _unwrap(x)
         weights, weights_diff = _unwrap(weights)
         targets, _ = _unwrap(targets)
+        teacher_leaves = [_unwrap(leaf)[0] for leaf in teacher_leaves]
+        teacher_xs = tuple(_unwrap(a)[0] for a in teacher_xs)
 
         def logits_of(diff_leaves, x_c):
             full = list(leaves)
@@ -147,7 +204,7 @@ def _chunked_loss_fn(head_apply, treedef, chunk_size):
 
         def step(carry, chunk):
             loss, d_leaves = carry
-            x_c, t_c, w_c = chunk
+            x_c, t_c, w_c, *teacher_c = chunk
             # jax.vjp only in what is differentiated: for a frozen head it emits no [D, vocab]
             # weight-gradient matmul, for a frozen x no dx matmul.
             diff_leaves = [leaves[i] for i in diff_idx]
@@ -155,35 +212,39 @@ def _chunked_loss_fn(head_apply, treedef, chunk_size):
                 logits, vjp = jax.vjp(logits_of, diff_leaves, x_c)
             else:
                 logits, vjp = jax.vjp(lambda d: logits_of(d, x_c), diff_leaves)
-            token_loss, dlogits = _token_loss_and_dlogits(logits, t_c, w_c, with_grad=True)
+            objective, dlogits, metrics = token_terms(logits, t_c, w_c, teacher_logits(teacher_leaves, teacher_c),
+                                                      with_grad=True)
             cts = vjp(dlogits.astype(logits.dtype))
             d_leaves = [acc + ct.astype(jnp.float32) for acc, ct in zip(d_leaves, cts[0])]
-            per_token = {}
+            per_token = {"metrics": _weighted(metrics, w_c)}
             if x_diff:
                 per_token["dx"] = cts[1]
             if weights_diff:
-                per_token["token_loss"] = token_loss
-            return (loss + jnp.sum(token_loss * w_c), d_leaves), per_token
+                per_token["token_loss"] = objective
+            return (loss + jnp.sum(objective * w_c), d_leaves), per_token
 
         # Head gradients accumulate in float32 across chunks.
         init = (jnp.zeros((), jnp.float32), [jnp.zeros(leaves[i].shape, jnp.float32) for i in diff_idx])
-        (loss, d_leaves), per_token = _over_chunks(step, init, x, targets, weights, chunk_size)
+        (loss, d_leaves), per_token = _over_chunks(step, init, (x, targets, weights, *teacher_xs), chunk_size)
         # Residuals: the finished gradients in their inputs' dtypes, None for the undifferentiated.
         d_all = [None] * len(leaves)
         for i, d in zip(diff_idx, d_leaves):
             d_all[i] = d.astype(leaves[i].dtype)
-        return loss, (d_all, per_token.get("dx"), per_token.get("token_loss"))
+        return (loss, _summed(per_token["metrics"])), (d_all, per_token.get("dx"), per_token.get("token_loss"))
 
     def loss_bwd(residuals, g):
         d_leaves, dx, token_losses = residuals
+        g = g[0]  # the metric sums are values only: their cotangent is dropped
+        # Targets are integers (float0 cotangent) and the teacher is a constant: None stands for the zero
+        # JAX expects.
+        no_teacher = (None,) * (n_teacher + (teacher_apply is not None))
         if type(g) is SymbolicZero:
-            return [None] * len(d_leaves), None, None, None
+            return (None,) * (len(d_leaves) + 3) + no_teacher
 
         def scale(d):
             return None if d is None else (g * d.astype(jnp.float32)).astype(d.dtype)
 
-        # Targets are integers (float0 cotangent): None stands for the zero JAX expects.
-        return [scale(d) for d in d_leaves], scale(dx), None, scale(token_losses)
+        return (*map(scale, d_leaves), scale(dx), None, scale(token_losses), *no_teacher)
 
     loss_fn.defvjp(loss_fwd, loss_bwd, symbolic_zeros=_symbolic_zeros_usable())
     return loss_fn
@@ -213,7 +274,15 @@ def _is_float(a):
     return jnp.issubdtype(a.dtype, jnp.inexact)
 
 
-def _token_loss_and_dlogits(logits, targets, weights, *, with_grad):
+def _weighted(metrics: dict, weights) -> dict:
+    return {name: value * weights for name, value in metrics.items()}
+
+
+def _summed(metrics: dict) -> dict:
+    return {name: jnp.sum(value) for name, value in metrics.items()}
+
+
+def token_loss_and_dlogits(logits, targets, weights, *, with_grad):
     """Per-token cross-entropy `[B, c]` in float32 and, if asked, `(softmax - one_hot) * weights`."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -231,24 +300,23 @@ def _token_loss_and_dlogits(logits, targets, weights, *, with_grad):
     return token_loss, dlogits
 
 
-def _over_chunks(step, init, x, targets, weights, chunk_size):
-    """`lax.scan(step, init, chunks)` over sequence chunks of (x, targets, weights).
+def _over_chunks(step, init, arrays, chunk_size):
+    """`lax.scan(step, init, chunks)` over sequence chunks of `arrays`, a tuple of `[B, T, ...]` arrays
+    (x, targets, weights, and a teacher's x where there is one).
 
-    `step(carry, (x_c, t_c, w_c)) -> (carry, per_token)` sees `[B, c, ...]` chunks; returns the
-    final carry and `per_token` (a pytree of `[B, c, ...]` arrays) reassembled to `[B, T, ...]`.
+    `step(carry, chunk) -> (carry, per_token)` sees the tuple as `[B, c, ...]` chunks; returns the final carry
+    and `per_token` (a pytree of `[B, c, ...]` arrays) reassembled to `[B, T, ...]`.
     """
-    batch, length = targets.shape
+    batch, length = arrays[1].shape  # the targets
     if length <= chunk_size:
         # One chunk, no loop: the same program as the full-logits loss where the logits fit anyway.
-        return step(init, (x, targets, weights))
+        return step(init, arrays)
 
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length
     if pad:
         # Padded positions have weight 0: no loss and a zero dlogits row, so no gradient.
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        targets = jnp.pad(targets, [(0, 0), (0, pad)])
-        weights = jnp.pad(weights, [(0, 0), (0, pad)])
+        arrays = tuple(jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in arrays)
 
     def to_chunks(a):
         # [B, T, ...] -> [n, B, c, ...]: the scanned axis leads, and the batch axis (split over
@@ -258,5 +326,5 @@ def _over_chunks(step, init, x, targets, weights, chunk_size):
     def from_chunks(a):
         return jnp.moveaxis(a, 0, 1).reshape(batch, num_chunks * chunk_size, *a.shape[3:])[:, :length]
 
-    carry, per_token = jax.lax.scan(step, init, (to_chunks(x), to_chunks(targets), to_chunks(weights)))
+    carry, per_token = jax.lax.scan(step, init, tuple(map(to_chunks, arrays)))
     return carry, jax.tree.map(from_chunks, per_token)

@@ -31,6 +31,7 @@ from flax import nnx
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
+from jaxft import distill as distill_lib
 from jaxft import evaluate, export, peft, resume, sharding
 from jaxft import flops as flops_lib
 from jaxft.config import best_metric, validate
@@ -42,7 +43,7 @@ from jaxft.models import attention, hf, stack
 from jaxft.optim import build_optimizer, learning_rate_schedule
 from jaxft.peft import quant
 from jaxft.peft.lora import with_dropout_keys
-from jaxft.peft.select import format_parameter_table, parameter_table, split_model
+from jaxft.peft.select import TrainableFilter, format_parameter_table, parameter_table, split_model
 from jaxft.preemption import Preempted, StopSignal
 from jaxft.stopping import EarlyStopping
 from jaxft.workdir_lock import WorkdirLock
@@ -62,21 +63,43 @@ def loss_sums(model, batch, loss_chunk: int = 0):
     `loss_chunk` > 0: the head and the loss run over chunks of that many positions, so the
     `[B, T, vocab]` logits never exist whole (jaxft/losses.py); 0: one chunk of the whole row.
     """
-    if getattr(model, "score", None) is not None:  # a sequence classifier
+    if getattr(model.config, "num_labels", 0):  # a sequence classifier
         return label_loss_sums(model, batch)
-    # Packed rows carry segment ids and restarting positions (jaxft/data/packing.py); padding
-    # only ever ends a row (jaxft/data/batches.py).
-    hidden = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                                 right_padded=True)
-    # Position t predicts token t+1. Shifting the small targets and weights instead of
-    # slicing the hidden states keeps every chunk aligned; the last position gets weight 0.
-    targets = jnp.roll(batch["input_ids"], -1, axis=1)
-    weights = jnp.pad(batch["loss_mask"][:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
+    hidden = batch_hidden_states(model, batch)
+    targets, weights = next_token_targets(batch)
     head, head_params = model.output_head()
     total = chunked_cross_entropy_sum(head, head_params, hidden, targets, weights,
                                       chunk_size=loss_chunk or hidden.shape[1])
     return total, jnp.sum(weights)
+
+
+def batch_hidden_states(model, batch):
+    """A language model's final hidden states `[B, T, hidden]` for a training batch."""
+    # Packed rows carry segment ids and restarting positions (jaxft/data/packing.py); padding
+    # only ever ends a row (jaxft/data/batches.py).
+    return model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
+                               positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                               right_padded=True)
+
+
+def next_token_targets(batch):
+    """(targets, weights) `[B, T]`: the token each position predicts, and 1.0 where it counts in the loss."""
+    # Position t predicts token t+1. Shifting the small targets and weights instead of
+    # slicing the hidden states keeps every chunk aligned; the last position gets weight 0.
+    targets = jnp.roll(batch["input_ids"], -1, axis=1)
+    weights = jnp.pad(batch["loss_mask"][:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
+    return targets, weights
+
+
+def distill_loss_sums(model, teacher, batch, spec, loss_chunk: int = 0):
+    """(sum over target tokens of the distillation objective, (number of target tokens, {"data_loss",
+    "distill_kl"} sums)), float32: the student `model` against the frozen `teacher` (jaxft/distill.py)."""
+    hidden = batch_hidden_states(model, batch)
+    targets, weights = next_token_targets(batch)
+    total, sums = distill_lib.chunked_sums(model.output_head(), teacher.output_head(), hidden,
+                                           batch_hidden_states(teacher, batch), targets, weights, spec,
+                                           chunk_size=loss_chunk or hidden.shape[1])
+    return total, (jnp.sum(weights), sums)
 
 
 def label_loss_sums(model, batch):
@@ -95,13 +118,15 @@ def label_logits_step(params, frozen, batch, *, graphdef, mesh=None):
         return model.classify(batch["input_ids"], attention_mask=batch["attention_mask"], right_padded=True)
 
 
-def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int, dropout_key, mesh=None,
-               loss_chunk: int = 0):
+def train_step(state, frozen, batch, teacher=None, *, graphdef, tx, schedule, accum_steps: int, dropout_key,
+               mesh=None, loss_chunk: int = 0, distill=None):
     """One optimizer step over `accum_steps` micro-batches; never applies a non-finite update.
 
     The loss is the mean over all target tokens of the whole batch, so accumulation
     changes memory, not the result. `mesh`: lay activations out on it (jaxft/sharding.py).
-    `loss_chunk`: positions per chunk of the head and loss (`loss_sums`).
+    `loss_chunk`: positions per chunk of the head and loss (`loss_sums`). `distill`: a
+    `distill.DistillSpec`, with the frozen teacher's weights as `teacher`: the loss is then the
+    distillation objective, and its parts are reported as `data_loss` and `distill_kl`.
     """
     step = state["step"]
     key = jax.random.fold_in(dropout_key, step)
@@ -109,21 +134,26 @@ def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int
     def micro_loss(params, micro, i):
         model = nnx.merge(graphdef, params, with_dropout_keys(frozen, jax.random.fold_in(key, i)))
         with sharding.use_mesh(mesh):
-            return loss_sums(model, micro, loss_chunk)
+            if distill is None:
+                total, count = loss_sums(model, micro, loss_chunk)
+                return total, (count, {})
+            return distill_loss_sums(model, nnx.merge(distill.teacher_graphdef, teacher), micro, distill, loss_chunk)
 
     def accumulate(carry, xs):
-        grads, loss, count = carry
+        grads, loss, (count, parts) = carry
         micro, i = xs
-        (m_loss, m_count), m_grads = jax.value_and_grad(micro_loss, has_aux=True)(state["params"], micro, i)
-        return (jax.tree.map(jnp.add, grads, m_grads), loss + m_loss, count + m_count), None
+        (m_loss, m_aux), m_grads = jax.value_and_grad(micro_loss, has_aux=True)(state["params"], micro, i)
+        aux = jax.tree.map(jnp.add, (count, parts), m_aux)
+        return (jax.tree.map(jnp.add, grads, m_grads), loss + m_loss, aux), None
 
     if accum_steps == 1:  # no loop: XLA keeps a length-1 scan as a while loop, which blocks fusion
-        (loss, count), grads = jax.value_and_grad(micro_loss, has_aux=True)(state["params"], batch, 0)
+        (loss, (count, parts)), grads = jax.value_and_grad(micro_loss, has_aux=True)(state["params"], batch, 0)
     else:
         micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, loss, count), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro_batches, jnp.arange(accum_steps)))
+        no_parts = {} if distill is None else {"data_loss": jnp.float32(0), "distill_kl": jnp.float32(0)}
+        (grads, loss, (count, parts)), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), (jnp.float32(0), no_parts)), (micro_batches, jnp.arange(accum_steps)))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = loss / count
@@ -140,7 +170,7 @@ def train_step(state, frozen, batch, *, graphdef, tx, schedule, accum_steps: int
         nonfinite_step=jnp.where((state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"]),
     )
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(step), target_tokens=count,
-                   tokens=jnp.sum(batch["attention_mask"]))
+                   tokens=jnp.sum(batch["attention_mask"]), **{k: v / count for k, v in parts.items()})
     return new_state, metrics
 
 
@@ -204,6 +234,9 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
     resume.check(*resume.saved_config(workdir / "checkpoints"), config)  # a resume may not change what is trained
     seq_len, batch_size = config.train.seq_len, config.train.batch_size
     tokenizer = hf.load_tokenizer(config.model.path)
+    hf.check_task_of(config.model.path, config.peft.task)  # an encoder only classifies: said before any data is read
+    # A missing or mismatched teacher stops the run before data or weights are read.
+    teacher_dir = distill_lib.check_teacher(config, tokenizer) if config.train.distill.teacher else None
     data = data_lib.load(config, tokenizer, cache_dir=workdir / "data_cache" if config.data.cache else None)
     train_set, eval_set = data.train, data.eval
     order = getattr(train_set, "order", None)  # None for a stream, whose length is unknown
@@ -254,6 +287,11 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
                  sizes["layers"], f"{sizes['quantized_bytes']:,}", f"{sizes['bf16_bytes']:,}", sizes["ratio"])
     graphdef, params, frozen = split_model(model, method.trainable)
     eval_graphdef = split_model(_without_dropout(model), method.trainable)[0]
+    teacher = None if teacher_dir is None else distill_lib.load_teacher(
+        config, teacher_dir, mesh, dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype],
+        layer_loop=layer_loop(config.model.layer_loop))
+    teacher_flops = 0.0 if teacher is None else flops_lib.train_flops_per_token(
+        teacher.model, TrainableFilter(((r".*", False),)), seq_len).computed  # its forward pass only
 
     # 3. Optimizer and state, laid out on the mesh --------------------------------------
     tx = build_optimizer(config.optim, total_steps, _start_steps(method, params))
@@ -263,9 +301,10 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, tx=tx, schedule=learning_rate_schedule(config.optim, total_steps),
         accum_steps=config.optim.grad_accum_steps, dropout_key=jax.random.key(config.seed), mesh=mesh,
-        loss_chunk=config.model.loss_chunk),
-        in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+        loss_chunk=config.model.loss_chunk, distill=teacher and teacher.spec),
+        in_shardings=(state_shardings, frozen_shardings, batch_sharding, *([teacher.shardings] if teacher else [])),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    teacher_args = (teacher.state,) if teacher else ()
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_graphdef, mesh=mesh,
                                         loss_chunk=config.model.loss_chunk),
                       in_shardings=(state_shardings["params"], frozen_shardings, batch_sharding),
@@ -299,8 +338,8 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
     # 5. Loop -------------------------------------------------------------------
     writer = MetricWriter(workdir, keep_through=start_step if resumed else None)
     progress = Progress(total_steps, start_step, config.train.progress_bar)
-    throughput = Throughput(flops_per_token=flop_count.computed, num_devices=jax.device_count(), peak_flops=peak,
-                            model_flops_per_token=flop_count.model_6n)
+    throughput = Throughput(flops_per_token=flop_count.computed + teacher_flops, num_devices=jax.device_count(),
+                            peak_flops=peak, model_flops_per_token=flop_count.model_6n)
     loss_now = functools.partial(_evaluate, eval_fn, frozen, eval_set, config, train_set.pad_id,
                                  batch_sharding, eval_batch_size)
     label_logits = None
@@ -351,7 +390,8 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
         if signals.poll()[0]:  # before any step: nothing new to save
             raise Preempted(signals.received, start_step, checkpoints.directory if resumed else None)
         for step, batch, position in batches:
-            state, metrics = step_fn(state, frozen, data_lib.to_global(batch, batch_sharding, batch_size))
+            state, metrics = step_fn(state, frozen, data_lib.to_global(batch, batch_sharding, batch_size),
+                                     *teacher_args)
             window.append(metrics)
             done = step + 1
             progress.update(done, last)
@@ -425,14 +465,15 @@ def _log_step_choices(model_config, config) -> None:
     to on this platform, with why (README, "Memory and speed on accelerators")."""
     windows = {model_config.layer_window(i) for i in range(model_config.num_layers)}
     # Training rows are right-padded (causal order hides the padding); prompt tuning's virtual tokens
-    # need a padding mask, and over packed rows a dense one (models/llama.py, hidden_states).
+    # need a padding mask, and over packed rows a dense one (models/decoder.py, hidden_states).
     prompts = config.peft.method == "prompt_tuning"
     backend, why = attention.explain_backend(
         config.model.attention, dtype=DTYPES[config.model.dtype], head_dim=model_config.head_dim,
         window=max((w for w in windows if w is not None), default=None),
         has_segment_ids=config.data.packing and not prompts, has_kv_mask=prompts,
         has_dense_mask=prompts and config.data.packing)
-    head = (f"a {model_config.num_labels}-label head over each row's last token" if model_config.num_labels else
+    pooled = getattr(model_config, "pooled_token", "last")  # an encoder's head reads the first ([CLS])
+    head = (f"a {model_config.num_labels}-label head over each row's {pooled} token" if model_config.num_labels else
             f"head + loss in chunks of {config.model.loss_chunk or 'whole-row'} positions")
     log.info("Decoder blocks: %d, layer loop %s, remat %s; attention %s (%s); %s", model_config.num_layers,
              model_config.layer_loop, config.model.remat, backend, why, head)
@@ -493,6 +534,8 @@ def _summarise(window: list[dict], throughput: Throughput, input_wait_seconds: f
         loss=float(np.mean([m["loss"] for m in window])),
         grad_norm=float(np.mean([m["grad_norm"] for m in window])),
         lr=float(window[-1]["lr"]),
+        # Distillation's two parts of the loss (jaxft/distill.py); absent otherwise.
+        **{k: float(np.mean([m[k] for m in window])) for k in ("data_loss", "distill_kl") if k in window[0]},
         **throughput.rates(int(sum(m["tokens"] for m in window)), input_wait_seconds),
     )
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -210,6 +211,8 @@ def test_loss_sums_match_optax_cross_entropy():
     loss_mask = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], np.int32)
 
     class Fixed:  # a "model" whose hidden states are the logits and whose head is the identity
+        config = types.SimpleNamespace(num_labels=0)  # a language model, not a classifier
+
         def hidden_states(self, input_ids, **masks_and_positions):
             return jax.numpy.asarray(logits)
 
