@@ -86,3 +86,46 @@ def test_combinations_that_cannot_be_made_are_named(base, tmp_path):
         weighted_adapter(dirs, [1.0], tmp_path / "x")
     with pytest.raises(AdapterError, match="'svd' is not one of"):
         weighted_adapter(dirs, WEIGHTS, tmp_path / "x", "svd")
+
+
+@pytest.mark.slow
+def test_two_adapters_trained_on_different_tasks_switch_and_merge(tmp_path):
+    """The acceptance case end to end: LoRA runs on two tasks (the quickstart's questions; their topics as a
+    label to write) give two adapters for one base. Loaded together, switching gives each run's own logits
+    as peft has them; their linear combination loads in peft with the logits of PEFT's own combination."""
+    import json
+
+    import peft
+
+    from jaxft import trainer
+    from tests.conftest import QUICKSTART
+    from tests.test_classification import _topic_rows
+    from tests.test_trainer import small_config
+    topics = tmp_path / "topics.jsonl"
+    topics.write_text("".join(json.dumps(r) + "\n" for r in _topic_rows("train", 16)))
+    tasks = {"answers": {}, "topics": {"data.train": str(topics), "data.eval": None, "data.format": "classification"}}
+    dirs = {}
+    for name, overrides in tasks.items():
+        trainer.run(small_config(**{"train.steps": 4, "eval.every_steps": 0, **overrides}), tmp_path / name)
+        dirs[name] = tmp_path / name / "export" / "adapter"
+    base = QUICKSTART / "model"
+    ids = np.random.default_rng(1).integers(0, 1024, size=(2, 9)).astype(np.int32)
+
+    model = load_pretrained(base)
+    adapters = AdapterSet(model)
+    for name, directory in dirs.items():
+        adapters.add(name, directory)
+    runs = {}
+    for name in ["topics", "answers", "topics"]:
+        adapters.activate(name)
+        runs[name] = torch_logits(peft.PeftModel.from_pretrained(load_torch_model(base), str(dirs[name])), ids)
+        np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), runs[name], atol=1e-4)
+    assert np.abs(runs["answers"] - runs["topics"]).max() > 1e-2  # two different adapters, really
+
+    reference = peft.PeftModel.from_pretrained(load_torch_model(base), str(dirs["answers"]), adapter_name="a")
+    reference.load_adapter(str(dirs["topics"]), adapter_name="b")
+    reference.add_weighted_adapter(["a", "b"], [0.5, 0.5], "both", combination_type="linear")
+    reference.set_adapter("both")
+    combined = weighted_adapter(list(dirs.values()), [0.5, 0.5], tmp_path / "both", "linear")
+    loaded = peft.PeftModel.from_pretrained(load_torch_model(base), str(combined))
+    np.testing.assert_allclose(torch_logits(loaded, ids), torch_logits(reference, ids), atol=1e-5)
