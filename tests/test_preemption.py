@@ -22,6 +22,9 @@ from jaxft.preemption import EXIT_PREEMPTED, Preempted
 from tests.conftest import ROOT
 from tests.test_trainer import small_config
 
+# Most runs here train the same config: compiled once, loaded after (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("xla_cache")
+
 STEPS = 8
 
 
@@ -155,16 +158,17 @@ def _worker_pid(workdir, process_id: int) -> int | None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_the_rerun_resumes(tmp_path):
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_the_rerun_resumes(two_process_lora,
+                                                                                      subprocess_xla_cache, tmp_path):
     """2 processes x 4 devices over gloo: SIGTERM reaches process 1 only (its VM is preempted); both agree on the
-    step, save it together and exit 75; the same command resumes; the result is the one-device run's."""
-    from tests.test_sharding import _losses, _relative_error, _trained, case_config
-    config = case_config(dict(method="lora", mesh=(1, 2, 2)))
-    config.mesh.dcn_data, config.train.steps, config.checkpoint.every_steps = 2, 8, 100
+    step, save it together and exit 75; the same command resumes; the result is the one-device run's, and bitwise
+    the same run's straight through (tests/conftest.py's two_process_lora; the two share compiled programs)."""
+    from tests.test_sharding import _losses, _relative_error, _trained
+    config = two_process_lora.config
     command = ["bash", str(ROOT / "launch" / "local.sh"), "2", "--devices-per-process", "4", "--log-dir",
                str(tmp_path / "logs"), "--", *_cli(tmp_path / "run", *_cli_flags_of(config))[3:]]
-    job = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHON=sys.executable, **subprocess_xla_cache)
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         metrics = tmp_path / "run" / "metrics.jsonl"
@@ -177,16 +181,19 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_the_rerun_re
     assert job.returncode == EXIT_PREEMPTED, err[-3000:]
     saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 3 <= saved[0] < 8
-    rerun = subprocess.run(command, cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable), capture_output=True,
-                           text=True, timeout=600)
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    reference = tmp_path / "reference"
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.dcn_data = 1, -1, 1, 1
-    trainer.run(config, reference)
     assert [r["step"] for r in _rows(tmp_path / "run") if "loss" in r] == list(range(1, 9))
+    reference = two_process_lora.one_device
     assert _relative_error(_losses(tmp_path / "run"), _losses(reference)) <= 1e-5
     ours, theirs = _trained(tmp_path / "run", "lora"), _trained(reference, "lora")
     assert max(_relative_error(ours[k], theirs[k]) for k in theirs) <= 1e-5
+    # Stopped at step saved[0] and resumed, it trained what it trains straight through, to the bit.
+    straight = two_process_lora.straight
+    curve = lambda w: {(r["step"], k): r[k] for r in _rows(w) for k in ("loss", "eval_loss") if k in r}  # noqa: E731
+    assert curve(tmp_path / "run") == curve(straight)
+    again = _trained(straight, "lora")
+    assert ours.keys() == again.keys() and all(np.array_equal(ours[k], again[k]) for k in ours)
 
 
 def _cli_flags_of(config):

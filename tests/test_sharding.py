@@ -20,6 +20,10 @@ from jaxft.errors import ConfigError
 from tests.conftest import ROOT
 from tests.test_trainer import small_config
 
+# The in-process runs compile through the session's compilation cache (tests/conftest.py); the 8-device worker
+# does not: test_no_layout_makes_xla_replicate_a_tensor reads what XLA says while compiling.
+pytestmark = pytest.mark.usefixtures("xla_cache")
+
 # ----------------------------------------------------------------------------- mesh and rules
 
 
@@ -146,24 +150,27 @@ def _relative_error(a, b):
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """The 1-device runs, in this process, that every sharded run must match."""
+def eight_devices(tmp_path_factory):
+    """The sharded runs, in a process with 8 fake devices, and the 1-device runs, in this process, that every
+    sharded run must match (OUT/reference_<method>). The worker starts first, so the two run side by side."""
     root = tmp_path_factory.mktemp("sharded")
-    for method in ("lora", "full", "qlora"):
-        trainer.run(case_config(dict(method=method)), root / f"reference_{method}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def eight_devices(references):
-    """The sharded runs, in a process with 8 fake devices."""
-    root = references
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker", str(root), json.dumps(CASES)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.split("REPORT ", 1)[1])
-    report["resharding_warnings"] = [line for line in proc.stderr.splitlines() if "rematerialization" in line]
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every program compiled, so that XLA says what it does
+    with open(root / "worker.out", "w") as out, open(root / "worker.err", "w") as err:
+        worker = subprocess.Popen([sys.executable, "-m", "tests.sharding_worker", str(root), json.dumps(CASES)],
+                                  cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+    try:
+        for method in ("lora", "full", "qlora"):
+            trainer.run(case_config(dict(method=method)), root / f"reference_{method}")
+        returncode = worker.wait(timeout=900)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    stdout, stderr = (root / "worker.out").read_text(), (root / "worker.err").read_text()
+    assert returncode == 0, stderr[-4000:]
+    report = json.loads(stdout.split("REPORT ", 1)[1])
+    report["resharding_warnings"] = [line for line in stderr.splitlines() if "rematerialization" in line]
     return root, report
 
 
@@ -280,54 +287,48 @@ def _cli_flags(config) -> list[str]:
     return flags
 
 
-def _two_processes(workdir, config, logs):
+def two_process_config():
+    """The lora run the two-process tests train (here and in tests/test_preemption.py): 8 steps on 2 processes x 4
+    devices, a (2, 2, 2) mesh whose data axis spans the processes as it would span the slices of a multi-slice job
+    (mesh.dcn_data=2), per-process data rows."""
+    config = case_config(dict(method="lora", mesh=(1, 2, 2)))
+    config.mesh.dcn_data, config.train.steps, config.checkpoint.every_steps = 2, 8, 100
+    return config
+
+
+def two_processes(workdir, config, logs, env=None):
     """`python -m jaxft.train` as 2 processes x 4 CPU devices through launch/local.sh."""
     proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "--devices-per-process", "4",
                            "--log-dir", str(logs), "--", "--config", str(ROOT / "configs" / "quickstart.py"),
                            "--workdir", str(workdir), *_cli_flags(config)],
-                          cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
-                          timeout=600)
+                          cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable, **(env or {})), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume_as_one(references, tmp_path):
-    """2 processes x 4 devices on a (2, 2, 2) mesh whose data axis spans the processes as it would span
-    the slices of a multi-slice job (mesh.dcn_data=2), per-process data rows: the 1-device run's losses and
-    adapter; resumed from its step-1 checkpoint it continues bitwise as it went; restored on this one
-    device it continues as the 1-device run does."""
+def test_two_processes_train_checkpoint_and_resume_as_one(two_process_lora, tmp_path):
+    """2 processes x 4 devices (two_process_config, the run of tests/conftest.py's two_process_lora): the 1-device
+    run's losses and adapter, generation across the processes in its evaluations; restored from its step-4
+    checkpoint on this one device it continues as the 1-device run does. (Stopped by a signal and resumed on 2
+    processes it continues bitwise as it went: tests/test_preemption.py.)"""
     import shutil
-    config = case_config(dict(method="lora", mesh=(1, 2, 2)))
-    config.mesh.dcn_data = 2
-    config.checkpoint.every_steps = 1
-    config.eval.metrics, config.eval.generate_rows = "exact_match", 8  # generation across the processes too
-    straight = tmp_path / "straight"
-    _two_processes(straight, config, tmp_path / "logs")
+    straight, reference = two_process_lora.straight, two_process_lora.one_device
     evals = [r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
     assert evals and all("eval_exact_match" in r for r in evals)
     assert len((straight / "eval" / f"step_{evals[-1]['step']}.jsonl").read_text().splitlines()) == 1 + 8
-    reference = references / "reference_lora"
     assert _relative_error(_losses(straight), _losses(reference)) <= 1e-5
     ours, theirs = _trained(straight, "lora"), _trained(reference, "lora")
     assert max(_relative_error(ours[k], theirs[k]) for k in theirs) <= 1e-5
 
-    def from_step_1(name):  # the run as a kill after its first checkpoint would have left it
-        workdir = tmp_path / name
-        shutil.copytree(straight, workdir)
-        shutil.rmtree(workdir / "export")
-        for step in (2, 3):
-            shutil.rmtree(workdir / "checkpoints" / str(step))
-        return workdir
-
-    resumed = from_step_1("resumed")
-    _two_processes(resumed, config, tmp_path / "logs")
-    again = _trained(resumed, "lora")
-    assert all(np.array_equal(again[k], ours[k]) for k in ours)
-    losses = lambda w: {r["step"]: r["loss"] for r in (json.loads(x) for x in  # noqa: E731
-                                                        (w / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
-    assert losses(resumed) == losses(straight)
-
-    one_device = from_step_1("one_device")  # saved on 8 devices in 2 processes, restored on 1
+    # The run as a kill after its step-4 checkpoint would have left it, saved on 8 devices in 2 processes,
+    # restored on 1.
+    one_device = tmp_path / "one_device"
+    shutil.copytree(straight, one_device)
+    shutil.rmtree(one_device / "export")
+    assert sorted(int(p.name) for p in (one_device / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    shutil.rmtree(one_device / "checkpoints" / "8")
+    config = two_process_lora.straight_config.copy_and_resolve_references()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.dcn_data = 1, -1, 1, 1
     trainer.run(config, one_device)
     restored = _trained(one_device, "lora")
