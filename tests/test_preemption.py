@@ -130,8 +130,9 @@ def _cli_flags(**overrides):
 
 def test_the_cli_exits_with_the_preemption_status_and_resumes(tmp_path):
     flags = _cli_flags(**{"train.progress_bar": False, "train.steps": 200, "eval.every_steps": 0})
-    proc = subprocess.Popen(_cli(tmp_path, *flags), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    from tests.test_sharding import fast_compile_env
+    proc = subprocess.Popen(_cli(tmp_path, *flags), cwd=ROOT, env=fast_compile_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     metrics = pathlib.Path(tmp_path) / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
@@ -163,11 +164,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_the_rerun_re
     """2 processes x 4 devices over gloo: SIGTERM reaches process 1 only (its VM is preempted); both agree on the
     step, save it together and exit 75; the same command resumes; the result is the one-device run's, and bitwise
     the same run's straight through (tests/conftest.py's two_process_lora; the two share compiled programs)."""
-    from tests.test_sharding import _losses, _relative_error, _trained
+    from tests.test_sharding import _losses, _relative_error, _trained, fast_compile_env
     config = two_process_lora.config
     command = ["bash", str(ROOT / "launch" / "local.sh"), "2", "--devices-per-process", "4", "--log-dir",
                str(tmp_path / "logs"), "--", *_cli(tmp_path / "run", *_cli_flags_of(config))[3:]]
-    env = dict(os.environ, PYTHON=sys.executable, **subprocess_xla_cache)
+    env = fast_compile_env(PYTHON=sys.executable, **subprocess_xla_cache)  # as two_process_lora's straight run
     job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

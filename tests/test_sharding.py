@@ -101,6 +101,15 @@ def test_a_mesh_larger_than_the_devices_stops_the_run_before_training(tmp_path):
 # ----------------------------------------------------------------------------- 8 devices
 
 STEPS = 3
+# The runs in other processes compile with XLA's CPU optimisations off (as tests/test_attention.py's FAST_COMPILE):
+# their numbers are under test, not their speed, and they compile in two thirds of the time. The SPMD partitioner,
+# which lays the programs out over the devices (and warns where it cannot but replicate), runs all the same.
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def fast_compile_env(**extra) -> dict:
+    """The environment of a JAX subprocess that compiles with FAST_COMPILE_XLA_FLAGS."""
+    return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip(), **extra)
 
 
 def case_config(case: dict):
@@ -154,7 +163,8 @@ def eight_devices(tmp_path_factory):
     """The sharded runs, in a process with 8 fake devices, and the 1-device runs, in this process, that every
     sharded run must match (OUT/reference_<method>). The worker starts first, so the two run side by side."""
     root = tmp_path_factory.mktemp("sharded")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}",
+               JAX_PLATFORMS="cpu")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every program compiled, so that XLA says what it does
     with open(root / "worker.out", "w") as out, open(root / "worker.err", "w") as err:
         worker = subprocess.Popen([sys.executable, "-m", "tests.sharding_worker", str(root), json.dumps(CASES)],
@@ -297,11 +307,12 @@ def two_process_config():
 
 
 def two_processes(workdir, config, logs, env=None):
-    """`python -m jaxft.train` as 2 processes x 4 CPU devices through launch/local.sh."""
+    """`python -m jaxft.train` as 2 processes x 4 CPU devices through launch/local.sh (which adds the device count to
+    XLA_FLAGS)."""
     proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "--devices-per-process", "4",
                            "--log-dir", str(logs), "--", "--config", str(ROOT / "configs" / "quickstart.py"),
                            "--workdir", str(workdir), *_cli_flags(config)],
-                          cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable, **(env or {})), capture_output=True,
+                          cwd=ROOT, env=fast_compile_env(PYTHON=sys.executable, **(env or {})), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
