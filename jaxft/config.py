@@ -231,13 +231,8 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _flat_keys(c, prefix=""):
-    for key, value in c.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
-            yield from _flat_keys(value, path + ".")
-        else:
-            yield path
+def _flat_keys(c):
+    return (key for key, _ in _flat_items(c))
 
 
 def valid_keys(schema=None) -> set[str]:
@@ -257,6 +252,38 @@ def unknown_key_message(key: str, valid) -> str:
     nearest = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
     hint = f" Did you mean '{nearest[0]}'?" if nearest else ""
     return f"Unknown config key '{key}'.{hint}"
+
+
+def overrides(config) -> dict:
+    """{dotted key: value} of every key where `config` differs from `base_config()`: what a recipe and its
+    command-line flags changed, as plain values."""
+    base = dict(_flat_items(base_config()))
+    return {key: value for key, value in _flat_items(config) if base.get(key) != value}
+
+
+def from_overrides(values: dict) -> ml_collections.ConfigDict:
+    """`base_config()` with each dotted key set, locked like a recipe loaded by `--config`; ConfigError naming
+    an unknown key."""
+    config = base_config()
+    valid = valid_keys(config)
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(unknown_key_message(key, valid))
+        *parents, name = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[name] = value
+    config.lock()
+    return config
+
+
+def _flat_items(c, prefix=""):
+    for key, value in c.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _choice(config, key, choices):

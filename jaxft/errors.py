@@ -36,3 +36,7 @@ class TrainingDivergedError(JaxftError, RuntimeError):
 
 class WorkdirInUseError(JaxftError, RuntimeError):
     """Another run holds the workdir's lock."""
+
+
+class SweepStoppedError(JaxftError, RuntimeError):
+    """A hyperparameter sweep stopped because its trials keep failing; finished trials are kept."""

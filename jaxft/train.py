@@ -1,4 +1,4 @@
-"""Command line: parse flags, then `trainer.run(config, workdir)`.
+r"""Command line: parse flags, then `trainer.run(config, workdir)`.
 
     python -m jaxft.train --config configs/quickstart.py --workdir runs/demo
     python -m jaxft.train --config configs/llama_lora.py --config.model.path=/models/x \
@@ -10,16 +10,11 @@ SIGINT saves a checkpoint at the next step boundary and exits with status 75
 (EX_TEMPFAIL: run the same command again to resume).
 """
 
-import logging
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxft.cli import fail, parse_flags
+from jaxft.cli import parse_flags, run_command
 from jaxft.config import check_known_keys
-from jaxft.errors import JaxftError
-from jaxft.preemption import EXIT_PREEMPTED, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py.",
                                           lock_config=True)
@@ -29,18 +24,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    logging.getLogger("jaxft").setLevel(logging.INFO)
-    from jaxft import trainer  # imported after flag parsing so --help stays fast
 
-    try:
+    def train():
+        from jaxft import trainer  # imported after flag parsing so --help stays fast
         check_known_keys(_CONFIG.value)
         trainer.run(_CONFIG.value, _WORKDIR.value, tune_host=True)
-    except Preempted as e:  # not an error: the job is asked to stop, and resumes when started again
-        print(f"jaxft: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
-    except JaxftError as e:
-        fail(f"{type(e).__name__}: {e}")
+
+    run_command(train)
 
 
 if __name__ == "__main__":

@@ -197,10 +197,13 @@ def init_state(params, frozen, tx, mesh):
 # ----------------------------------------------------------------------------- flow
 
 
-def run(config, workdir, *, tune_host: bool = False) -> dict:
+def run(config, workdir, *, tune_host: bool = False, on_metrics=None) -> dict:
     """Train as `config` says, in `workdir`; resume if it holds a checkpoint. Returns the last metrics.
 
     `tune_host` applies `jaxft.host.tune_malloc` between tokenising and starting JAX (the CLI sets it).
+    `on_metrics(step, metrics)` is called on every process after each step that logged or evaluated (and after the
+    evaluation at step 0), with what that step logged; an exception it raises stops the run there, unsaved (a
+    sweep prunes a trial so, jaxft/sweep/trials.py).
     Only one run at a time uses a workdir (jaxft/workdir_lock.py; process 0 holds the lock).
     """
     validate(config)
@@ -210,7 +213,7 @@ def run(config, workdir, *, tune_host: bool = False) -> dict:
     first = not jax.distributed.is_initialized() or jax.process_index() == 0
     with WorkdirLock(workdir) if first else contextlib.nullcontext(), \
             StopSignal(config.checkpoint.every_seconds) as signals:  # SIGTERM/SIGINT: stop at a step boundary
-        return _run(config, workdir, tune_host, signals)
+        return _run(config, workdir, tune_host, signals, on_metrics or (lambda step, metrics: None))
 
 
 def make_workdir(workdir) -> pathlib.Path:
@@ -229,7 +232,7 @@ def make_workdir(workdir) -> pathlib.Path:
     return workdir
 
 
-def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) -> dict:
+def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal, on_metrics) -> dict:
     # 1. Data (before JAX starts: see tune_host) ----------------------------------
     resume.check(*resume.saved_config(workdir / "checkpoints"), config)  # a resume may not change what is trained
     seq_len, batch_size = config.train.seq_len, config.train.batch_size
@@ -387,6 +390,7 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
             writer.write(0, last)
             log.info("step 0: %s", _fmt(last))
             judge(0, last)
+            on_metrics(0, dict(last))
         if signals.poll()[0]:  # before any step: nothing new to save
             raise Preempted(signals.received, start_step, checkpoints.directory if resumed else None)
         for step, batch, position in batches:
@@ -395,17 +399,21 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal) ->
             window.append(metrics)
             done = step + 1
             progress.update(done, last)
+            fresh = {}  # what this step logged and evaluated
             if done % config.train.log_every_steps == 0 or done == total_steps:
-                last = _summarise(window, throughput, batches.wait_seconds)
+                last = fresh = _summarise(window, throughput, batches.wait_seconds)
                 _check_finite(state)
                 writer.write(done, last)
                 window = []
             if eval_set is not None and ((config.eval.every_steps and done % config.eval.every_steps == 0)
                                          or done == total_steps):
-                last = {**last, **evaluate_now(done)}
-                writer.write(done, {k: last[k] for k in last if k.startswith("eval_")})
+                evaluation = evaluate_now(done)
+                last, fresh = {**last, **evaluation}, {**fresh, **evaluation}
+                writer.write(done, evaluation)
                 log.info("step %d: %s", done, _fmt(last))
                 judge(done, last)
+            if fresh:
+                on_metrics(done, fresh)
             stop, timed = signals.poll()
             if checkpoints.due(done) or done == total_steps or stopper.should_stop or stop or timed:
                 save(done)

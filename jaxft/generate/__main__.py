@@ -1,4 +1,4 @@
-"""Generate text with a Hugging Face model, a fine-tuned adapter, or what a jaxft run exported.
+r"""Generate text with a Hugging Face model, a fine-tuned adapter, or what a jaxft run exported.
 
     python -m jaxft.generate --workdir runs/demo --prompt "Question: what is the capital of France?"
     python -m jaxft.generate --model /models/SmolLM2-135M-Instruct --adapter runs/x/export/adapter \
