@@ -261,6 +261,47 @@ def overrides(config) -> dict:
     return {key: value for key, value in _flat_items(config) if base.get(key) != value}
 
 
+def from_recipe(recipe, arg=None, **values) -> ml_collections.ConfigDict:
+    """The config of a recipe file (`get_config(arg)` in e.g. configs/quickstart.py) with dotted keys set, as
+    `--config configs/x.py --config.optim.lr=1e-3` makes it; locked, so a misspelt key is an error naming the
+    nearest.
+
+    >>> config = from_recipe("configs/quickstart.py", **{"optim.lr": 1e-3, "train.steps": 50})
+    >>> config.optim.lr, config.train.steps, config.peft.method
+    (0.001, 50, 'lora')
+    """
+    module = load_recipe_module(recipe)
+    config = module.get_config(arg)
+    config.lock()
+    valid = valid_keys()
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(unknown_key_message(key, valid))
+        _set(config, key, value)
+    return config
+
+
+def load_recipe_module(recipe):
+    """The recipe file `recipe` (a path; a `:argument` after it is ignored) as a module."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(str(recipe).split(":")[0])
+    if not path.is_file():
+        raise ConfigError(f"Recipe {path} does not exist: give a file such as configs/quickstart.py.")
+    spec = importlib.util.spec_from_file_location(f"jaxft_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _set(config, key: str, value) -> None:
+    *parents, name = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[name] = value
+
+
 def from_overrides(values: dict) -> ml_collections.ConfigDict:
     """`base_config()` with each dotted key set, locked like a recipe loaded by `--config`; ConfigError naming
     an unknown key."""
@@ -269,11 +310,7 @@ def from_overrides(values: dict) -> ml_collections.ConfigDict:
     for key, value in values.items():
         if key not in valid:
             raise ConfigError(unknown_key_message(key, valid))
-        *parents, name = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[name] = value
+        _set(config, key, value)
     config.lock()
     return config
 

@@ -32,7 +32,7 @@ from flax import nnx
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
 from jaxft import distill as distill_lib
-from jaxft import evaluate, export, peft, resume, sharding
+from jaxft import evaluate, export, peft, plot, resume, sharding
 from jaxft import flops as flops_lib
 from jaxft.config import best_metric, validate
 from jaxft.errors import ConfigError, DataError, TrainingDivergedError
@@ -43,7 +43,7 @@ from jaxft.models import attention, hf, stack
 from jaxft.optim import build_optimizer, learning_rate_schedule
 from jaxft.peft import quant
 from jaxft.peft.lora import with_dropout_keys
-from jaxft.peft.select import TrainableFilter, format_parameter_table, parameter_table, split_model
+from jaxft.peft.select import TrainableFilter, format_parameter_table, parameter_summary, parameter_table, split_model
 from jaxft.preemption import Preempted, StopSignal
 from jaxft.stopping import EarlyStopping
 from jaxft.workdir_lock import WorkdirLock
@@ -277,8 +277,8 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal, on
     method = peft.prepare(model, config.peft, rngs=nnx.Rngs(params=config.seed), tokenizer=tokenizer)
     stack.layout_for_loop(model)
     _log_step_choices(model.config, config)
-    log.info("Trainable parameters (%s):\n%s", method.name,
-             format_parameter_table(parameter_table(model, method.trainable)))
+    table = parameter_table(model, method.trainable)
+    log.info("Trainable parameters (%s):\n%s", method.name, format_parameter_table(table))
     flop_count = flops_lib.train_flops_per_token(model, method.trainable, seq_len)
     device_kind = jax.devices()[0].device_kind
     peak = flops_lib.peak_flops(device_kind)
@@ -300,6 +300,8 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal, on
     tx = build_optimizer(config.optim, total_steps, _start_steps(method, params))
     state, frozen, state_shardings, frozen_shardings = init_state(params, frozen, tx, mesh)
     nnx.update(model, state["params"], frozen)  # the model holds the laid-out arrays, not a second copy
+    if jax.process_index() == 0:
+        _write_json(workdir / "parameters.json", parameter_summary(method.name, table, state, frozen))
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, tx=tx, schedule=learning_rate_schedule(config.optim, total_steps),
@@ -439,6 +441,7 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal, on
     if jax.process_index() == 0:
         evaluate.show_answers_before_and_after(workdir)
         evaluate.show_group_report(workdir)
+        plot.write_run_curves(workdir)  # curves.png: the run's metrics.jsonl drawn (jaxft/plot.py)
 
     # 6. Export -----------------------------------------------------------------
     nnx.update(model, _best_params(workdir, state["params"], fingerprint) if best else state["params"])

@@ -52,6 +52,13 @@ def xla_cache(xla_cache_dir):
 
 
 @pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A JAXFT_CACHE for this session's tests of the real SmolLM2 GGUF: the first converts it (about a minute of
+    CPU, tests/test_gguf.py), the others (notebooks/05_real_model.ipynb) reuse the copy."""
+    return tmp_path_factory.mktemp("jaxft_cache")
+
+
+@pytest.fixture(scope="session")
 def two_process_lora(tmp_path_factory, xla_cache_dir, subprocess_xla_cache):
     """The lora run on 2 processes x 4 CPU devices through launch/local.sh (tests.test_sharding.two_process_config)
     straight through, and the same run on this process's one device, which the 2-process one must match.

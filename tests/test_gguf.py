@@ -236,7 +236,7 @@ def _smollm2_gguf() -> pathlib.Path:
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_loads_trains_and_exports_for_peft(tmp_path, cache):
+def test_smollm2_gguf_loads_trains_and_exports_for_peft(tmp_path, smollm2_cache, monkeypatch):
     from peft import PeftModel
 
     from jaxft import trainer
@@ -246,6 +246,8 @@ def test_smollm2_gguf_loads_trains_and_exports_for_peft(tmp_path, cache):
     path = _smollm2_gguf()
     c = small_config(**{"model.path": str(path), "train.steps": 3, "train.batch_size": 2, "train.seq_len": 48,
                         "data.eval": None, "checkpoint.every_steps": 3, "optim.lr": 1e-2, "peft.rank": 4})
+    monkeypatch.setenv("JAXFT_CACHE", str(smollm2_cache))  # shared with notebooks/05_real_model.ipynb's test
+    cache = smollm2_cache / "gguf"
     trainer.run(c, tmp_path / "run")  # converts the GGUF (tokenizer first, then the weights reuse the copy)
     assert [p.name for p in cache.iterdir()] == [f"{path.stem}-{gguf.cache_key(path)}"]
 

@@ -93,6 +93,15 @@ def test_space_keys_and_values_are_checked_before_any_trial(space, message):
         space_lib.check(space_lib.parse(space), small_config())
 
 
+def test_a_recipe_may_define_its_space(tmp_path):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("from configs.quickstart import get_config\n\n\ndef sweep_space():\n"
+                      "    return {'optim.lr': 'loguniform(1e-4, 1e-2)', 'peft.rank': 'choice(4, 8)'}\n")
+    dims = space_lib.parse(space_lib.from_recipe(f"{recipe}:ignored"))
+    assert [str(d) for d in dims] == ["optim.lr=loguniform(0.0001, 0.01)", "peft.rank=choice(4, 8)"]
+    assert space_lib.from_recipe(str(ROOT / "configs" / "quickstart.py")) is None
+
+
 def test_config_overrides_round_trip_as_a_recipe():
     config = sweep_base(**{"optim.lr": 1e-3, "peft.rank": 4})
     config.train.distill.temperature = 3.0

@@ -202,6 +202,12 @@ def test_quickstart_default_cuts_eval_loss_by_30_percent(tmp_path):
     # It answers its eval questions better, and says so with the answers before and after.
     assert evals[-1]["eval_exact_match"] >= evals[0]["eval_exact_match"] + 0.1, evals
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [f"step_{s}.jsonl" for s in (0, 100, 200, 300)]
+    # It drew its curves, and `python -m jaxft.plot` draws them again, a PNG per panel.
+    from jaxft import plot
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    plot.main([str(tmp_path), "--out", str(tmp_path / "plots")])
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "curves.png", "loss.png", "lr.png", "grad_norm.png", "tokens_per_sec.png", "eval_exact_match.png"}
 
 
 def test_loss_sums_match_optax_cross_entropy():

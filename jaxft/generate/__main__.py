@@ -130,19 +130,9 @@ def answer_file(model, tokenizer, rows, prompts, config, batch_size: int, out_pa
         write_rows(out_path, answered(model, tokenizer, rows, prompts, config, batch_size, bar))
 
 
-def trained_format(workdir, data_cfg: dict) -> str | None:
-    """The data format a run trained on: its `data.format`, or where that was "auto", what it detected
-    (`data_report.json`)."""
-    fmt = data_cfg.get("format")
-    report = pathlib.Path(workdir or "") / "data_report.json"
-    if fmt == "auto" and workdir and report.is_file():
-        fmt = json.loads(report.read_text()).get("train", {}).get("format", fmt)
-    return fmt
-
-
 def run(a) -> None:
     from jaxft.generate import GenerationConfig
-    from jaxft.generate.load import load_model, sources, stop_token_ids
+    from jaxft.generate.load import load_model, sources, stop_token_ids, trained_format
     from jaxft.generate.prompts import row_prompt, text_prompt
     if a.adapters is not None and a.workdir is not None:
         raise ConfigError("give several --adapter NAME=DIR with --model (their base), not with --workdir")

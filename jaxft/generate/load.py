@@ -91,3 +91,13 @@ def stop_token_ids(tokenizer, model_path) -> tuple[int, ...]:
         eos = json.loads(path.read_text()).get("eos_token_id")
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return tuple(sorted(ids))
+
+
+def trained_format(workdir, data_cfg: dict) -> str | None:
+    """The data format a run trained on: its `data.format`, or where that was "auto", what it detected
+    (`data_report.json`)."""
+    fmt = data_cfg.get("format")
+    report = pathlib.Path(workdir or "") / "data_report.json"
+    if fmt == "auto" and workdir and report.is_file():
+        fmt = json.loads(report.read_text()).get("train", {}).get("format", fmt)
+    return fmt

@@ -11,7 +11,6 @@ trial resuming from its checkpoint. Machines that run the same command against o
 work. At the end: results.csv, best_config.py, best/ (the best run) and plots/.
 """
 
-import importlib.util
 import sys
 
 from absl import app, flags
@@ -20,6 +19,7 @@ from ml_collections import config_flags
 from jaxft.cli import check_override_keys, parse_flags, run_command
 from jaxft.config import check_known_keys
 from jaxft.errors import ConfigError
+from jaxft.sweep import space as space_lib
 from jaxft.sweep.settings import sweep_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py.",
@@ -31,23 +31,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: the study, eac
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def recipe_space(recipe_path: str):
-    """The `sweep_space()` of the recipe file, or None if it has none."""
-    path = recipe_path.split(":")[0]
-    spec = importlib.util.spec_from_file_location("jaxft_sweep_recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    get = getattr(module, "sweep_space", None)
-    return get() if get else None
-
-
 def main(argv):
     del argv
 
     def search():
         from jaxft import sweep  # imported after flag parsing so --help stays fast
         check_known_keys(_CONFIG.value)
-        space = _SWEEP.value.space or recipe_space(config_flags.get_config_filename(flags.FLAGS["config"]))
+        space = _SWEEP.value.space or space_lib.from_recipe(config_flags.get_config_filename(flags.FLAGS["config"]))
         if not space:
             raise ConfigError('No search space: give --sweep.space "optim.lr=loguniform(1e-5,1e-2); ..." or define '
                               'sweep_space() in the recipe.')

@@ -46,10 +46,15 @@ def run(config, space, workdir, sweep=None, **settings) -> SweepResult:
     there if one was started. `sweep`: the `sweep.*` settings (jaxft/sweep/settings.py), or pass them as keywords
     (`trials=6, sampler="grid"`).
 
-    >>> from jaxft import sweep
-    >>> result = sweep.run(config, "optim.lr=loguniform(1e-4, 1e-2)", "runs/sweep", trials=6)  # doctest: +SKIP
-    >>> result.best_params  # doctest: +SKIP
-    {'optim.lr': 0.0031}
+    >>> import jaxft
+    >>> config = jaxft.from_recipe("configs/quickstart.py", **{"train.steps": 2, "eval.every_steps": 0,
+    ...                            "eval.metrics": "", "train.progress_bar": False})
+    >>> result = jaxft.sweep.run(config, "optim.lr=choice(1e-3, 3e-3)", tmp / "sweep", sampler="grid",
+    ...                          pruner="none")  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+      trial  state  eval_loss ...
+    Best: trial ...
+    >>> result.best_params
+    {'optim.lr': 0.003}
     """
     sweep = _settings(sweep, settings)
     validate(config)

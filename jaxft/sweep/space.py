@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import math
 
-from jaxft.config import base_config, unknown_key_message, valid_keys, validate
+from jaxft.config import base_config, load_recipe_module, unknown_key_message, valid_keys, validate
 from jaxft.errors import ConfigError
 
 # name -> (least, most) number of arguments
@@ -84,6 +84,13 @@ def parse(space) -> list[Dimension]:
             raise ConfigError(f"sweep.space names {d.key} twice.")
         seen.add(d.key)
     return dimensions
+
+
+def from_recipe(recipe: str):
+    """The space a recipe file defines with `sweep_space()` (a string or a dict), or None if it defines none.
+    `recipe` is what `--config` was given (a `:argument` after the path is ignored)."""
+    space = getattr(load_recipe_module(recipe), "sweep_space", None)
+    return space() if space else None
 
 
 def _parse_entry(entry: str) -> Dimension:
