@@ -90,7 +90,12 @@ class RunResult:
     exports: dict[str, pathlib.Path]  # "adapter" and/or "model": the export directories that exist
 
     def history(self, key: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of one metric, e.g. `history("eval_loss")`."""
+        """(steps, values) of one metric.
+
+        >>> steps, losses = run.history("eval_loss")
+        >>> steps, losses[-1] < losses[0]
+        ([0, 4], True)
+        """
         from jaxft.plot import series
         return series(self.metrics, key)
 
@@ -103,13 +108,23 @@ class RunResult:
         return out
 
     def plot(self, *others, labels=None):
-        """The run's curves (loss, learning rate, tokens/s, task scores), with other runs' overlaid: a matplotlib
-        figure (jaxft/plot.py)."""
+        """The run's curves (loss, learning rate, tokens/s, task scores), with other runs' (RunResults or run
+        directories) overlaid: a matplotlib figure (jaxft/plot.py).
+
+        >>> figure = run.plot(run, labels=["this", "again"])
+        >>> [line.get_label() for line in figure.axes[0].get_lines()]
+        ['this loss', 'this eval_loss', 'again loss', 'again eval_loss']
+        """
         from jaxft.plot import figure
         return figure([self.workdir, *[getattr(o, "workdir", o) for o in others]], labels)
 
     def load(self, dtype: str = "float32") -> Tuned:
-        """The trained model, ready to generate (`load(workdir=...)`)."""
+        """The trained model, ready to generate (`load(workdir=...)`).
+
+        >>> run.load().generate("### Instruction:\\nWhat is three plus four?\\n\\n### Response:\\n",
+        ...                     max_new_tokens=3)  # doctest: +ELLIPSIS
+        ['...']
+        """
         return load(workdir=self.workdir, dtype=dtype)
 
 

@@ -71,7 +71,12 @@ def panels(runs: dict[str, list[dict]]) -> list[tuple]:
 
 def figure(workdirs, labels=None, panel_names=None):
     """A matplotlib figure with one panel per metric and one colour per run (named by `labels`, default the
-    directory names). `panel_names` picks panels by name (e.g. ["loss", "eval_exact_match"])."""
+    directory names). `panel_names` picks panels by name (e.g. ["loss", "eval_exact_match"]).
+
+    >>> fig = figure([tmp / "run"], panel_names=["loss", "lr"])
+    >>> [ax.get_gid() for ax in fig.axes], [line.get_label() for line in fig.axes[0].get_lines()]
+    (['loss', 'lr'], ['run loss', 'run eval_loss'])
+    """
     import matplotlib.pyplot as plt
 
     workdirs = [pathlib.Path(w) for w in ([workdirs] if isinstance(workdirs, (str, pathlib.Path)) else workdirs)]

@@ -8,26 +8,33 @@ import logging
 import pytest
 
 import jaxft
-from jaxft import api, config
+from jaxft import api, config, plot
 from jaxft.sweep import search
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
 
 # The order the examples run in: later ones use what earlier ones made.
-ORDER = ["from_recipe", "setup_logging", "preview_data", "finetune", "load", "generate", "evaluate", "run"]
+ORDER = ["config.from_recipe", "api.setup_logging", "api.preview_data", "api.finetune", "RunResult.history",
+         "RunResult.plot", "plot.figure", "RunResult.load", "api.load", "Tuned.generate", "Tuned.evaluate",
+         "search.run"]
 
 
 def _examples():
     finder = doctest.DocTestFinder()
-    found = [t for module in (config, api, search) for t in finder.find(module) if t.examples]
-    found = [t for t in found if t.name.split(".")[-1] in ORDER]
-    return sorted(found, key=lambda t: ORDER.index(t.name.split(".")[-1]))
+    found = [t for module in (config, api, plot, search) for t in finder.find(module) if t.examples]
+    found = [t for t in found if ".".join(t.name.split(".")[-2:]) in ORDER]
+    return sorted(found, key=lambda t: ORDER.index(".".join(t.name.split(".")[-2:])))
 
 
 def test_every_public_function_has_an_example():
-    names = {t.name.split(".")[-1] for t in _examples()}
-    assert names == set(ORDER)
+    assert [".".join(t.name.split(".")[-2:]) for t in _examples()] == ORDER
+    import inspect
+    public = [f"{getattr(api, n).__module__.split('.')[-1]}.{n}" for n in api.__all__
+              if inspect.isfunction(getattr(api, n))]  # from_recipe lives in jaxft/config.py
+    public += [f"{cls.__name__}.{n}" for cls in (api.RunResult, api.Tuned) for n, f in vars(cls).items()
+               if inspect.isfunction(f) and not n.startswith("_")]
+    assert set(public) <= set(ORDER), set(public) - set(ORDER)
     assert set(api.__all__) <= set(dir(jaxft)) and jaxft.preview_data is api.preview_data
 
 

@@ -306,7 +306,7 @@ def test_a_multi_process_sweep_trains_each_trial_on_the_whole_mesh(tmp_path, sub
     from tests.test_sharding import fast_compile_env
     workdir, logs = tmp_path / "sweep", tmp_path / "logs"
     flags = _sweep_command(workdir, "--sweep.space=optim.lr=choice(3e-3, 1e-7)", "--sweep.sampler=grid",
-                           "--sweep.pruner=none")[3:]
+                           "--sweep.pruner=none", "--config.train.steps=2")[3:]
     proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "--devices-per-process", "2",
                            "--module", "jaxft.sweep", "--log-dir", str(logs), "--", *flags],
                           cwd=ROOT, env=fast_compile_env(PYTHON=sys.executable, **subprocess_xla_cache),
