@@ -47,8 +47,8 @@ def test_docstring_examples_run(tmp_path, monkeypatch):
     level, propagate = logger.level, logger.propagate
     for test in _examples():
         module_names = set(test.globs)
-        test.globs.update(shared)
-        runner.run(test)
+        test.globs.update({k: v for k, v in shared.items() if k not in module_names})
+        runner.run(test, clear_globs=False)
         shared.update({k: v for k, v in test.globs.items() if k not in module_names})  # what the example made
         # setup_logging's example leaves jaxft printing its progress, which the later examples would show as output.
         logger.handlers = [h for h in logger.handlers if not getattr(h, "_jaxft", False)]
