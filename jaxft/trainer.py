@@ -301,7 +301,8 @@ def _run(config, workdir: pathlib.Path, tune_host: bool, signals: StopSignal, on
     state, frozen, state_shardings, frozen_shardings = init_state(params, frozen, tx, mesh)
     nnx.update(model, state["params"], frozen)  # the model holds the laid-out arrays, not a second copy
     if jax.process_index() == 0:
-        _write_json(workdir / "parameters.json", parameter_summary(method.name, table, state, frozen))
+        quantized = quant.weight_bytes(model)["bf16_bytes"] // 2 if method.name == "qlora" else 0
+        _write_json(workdir / "parameters.json", parameter_summary(method.name, table, state, frozen, quantized))
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, tx=tx, schedule=learning_rate_schedule(config.optim, total_steps),

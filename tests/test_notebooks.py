@@ -77,6 +77,7 @@ def test_03_methods(tmp_path, kernel_env):
     assert list(table) == ["lora", "qlora", "dora", "adapter", "prompt_tuning", "partial"]
     assert table["prompt_tuning"]["trainable"] < table["lora"]["trainable"] < table["partial"]["trainable"]
     assert table["qlora"]["frozen MB"] < table["lora"]["frozen MB"] / 2  # the base kept in 4 bits
+    assert table["qlora"]["trainable %"] == pytest.approx(table["lora"]["trainable %"])  # of the same model
     assert table["dora"]["trainable"] > table["lora"]["trainable"]  # plus a magnitude per output feature
     assert all(row["eval loss at 3"] < row["eval loss at 0"] for row in out["table"])
     assert {f"{m} eval_loss" for m in table} <= set(out["lines"])

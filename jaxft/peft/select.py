@@ -120,13 +120,14 @@ def parameter_table(model: nnx.Module, trainable: TrainableFilter) -> list[dict]
     return rows
 
 
-def parameter_summary(method: str, rows: list[dict], state: dict, frozen) -> dict:
-    """What a run trains and what it holds (`<workdir>/parameters.json`): parameter counts from the table, and the
-    bytes of the trained parameters, their optimizer state and the frozen weights as stored (a quantised base
-    counts its codes and scales), over all devices."""
+def parameter_summary(method: str, rows: list[dict], state: dict, frozen, quantized_params: int = 0) -> dict:
+    """What a run trains and what it holds (`<workdir>/parameters.json`): parameter counts from the table plus
+    `quantized_params`, the weights a QLoRA base keeps quantised (they are not `nnx.Param`s, so the table has
+    none of them), and the bytes of the trained parameters, their optimizer state and the frozen weights as
+    stored (a quantised base counts its codes and scales), over all devices."""
     import jax
     nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")))  # noqa: E731
-    total = sum(r["params"] for r in rows)
+    total = sum(r["params"] for r in rows) + quantized_params
     trained = sum(r["params"] for r in rows if r["trainable"])
     return dict(method=method, trainable=trained, total=total, trainable_fraction=trained / max(total, 1),
                 bytes=dict(trainable=nbytes(state["params"]), optimizer_state=nbytes(state["opt_state"]),
