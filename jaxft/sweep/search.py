@@ -91,7 +91,7 @@ def run(config, space, workdir, sweep=None, **settings) -> SweepResult:
             log.info("Trial %d (%d of %d): %s", number, len(study_lib.finished(study)) + 1, limit, _fmt(params))
             trial = optuna.trial.Trial(study, plan["trial_id"])
             with study_lib.Heartbeat(trial, sweep.heartbeat_seconds):
-                outcome = _run_trial(trial_config, trial_dir, trial, plan, sweep, metric, keep_best, study)
+                outcome = _run_trial(trial_config, workdir, trial_dir, trial, plan, sweep, metric, keep_best)
             _tell(study, trial, outcome)
             results.write_csv(workdir / "results.csv", results.rows(study, metric, [d.key for d in dimensions]))
             _log_outcome(study, number, outcome, metric)
@@ -143,10 +143,10 @@ def _adopt_interrupted(workdir, number, trial_dir) -> None:
         log.info("Trial %s resumes interrupted trial %d from its run directory.", trial_dir.name, number)
 
 
-def _run_trial(config, trial_dir, trial, plan, sweep, metric, keep_best, study) -> Outcome:
+def _run_trial(config, workdir, trial_dir, trial, plan, sweep, metric, keep_best) -> Outcome:
     if sweep.isolation == "in_process":
         return run_in_process(config, trial_dir, trial, metric, keep_best)
-    request = dict(storage=study_lib.storage_url(sweep, trial_dir.parents[1]), study_name=sweep.study_name,
+    request = dict(storage=study_lib.storage_url(sweep, workdir), study_name=sweep.study_name,
                    trial_id=plan["trial_id"], metric=metric, best_by=keep_best, sweep=sweep.to_dict(),
                    total_steps=config.train.steps, config=overrides(config))
     return run_in_subprocess(trial_dir, request)
